@@ -1,0 +1,86 @@
+"""The ``zhllama`` command line: one subcommand per stage plus build/demo/run/server.
+
+Each subcommand lives in ``pipeline_lib/commands/<module>.py`` and exposes
+``register(subparsers) -> None``; the parser it adds sets ``func(args) -> int``.
+Modules are imported lazily per subcommand so ``zhllama --help`` stays fast (no torch import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .errors import ZhllamaError
+
+# subcommand name -> module under pipeline_lib.commands (a table, not an if-chain)
+COMMANDS: dict[str, str] = {
+    "catalog": "catalog",
+    "cache": "cache",
+    "verify": "verify",
+    "tokenizer": "tokenizer",
+    "download": "download",
+    "merge": "merge",
+    "convert": "convert",
+    "quantize": "quantize",
+    "eval": "evaluate",
+    "generate": "chat",
+    "chat": "chat",
+    "demo": "flow",
+    "build": "flow",
+    "run": "flow",
+    "server": "flow",
+}
+
+
+def _module_for(argv: list[str]) -> list[str]:
+    """Modules to import: only the one named on the command line, or all for --help."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return [COMMANDS[arg]] if arg in COMMANDS else []
+    return list(dict.fromkeys(COMMANDS.values()))
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zhllama",
+        description="Rebuild Chinese-LLaMA/Alpaca models: download, verify, tokenizer merge, "
+        "LoRA merge, GGUF conversion, quantization, evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"zhllama {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = _module_for(argv if argv is not None else sys.argv[1:])
+    for module in wanted:
+        try:
+            mod = importlib.import_module(f"pipeline_lib.commands.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"pipeline_lib.commands.{module}":
+                continue  # stage not built yet
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * (args.verbose + 1)
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ZhllamaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

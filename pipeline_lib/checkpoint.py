@@ -1,0 +1,422 @@
+"""Lazy, tensor-at-a-time readers for LLaMA checkpoints: HF .bin / safetensors shards, Meta .pth parts.
+
+Contract (see CONTRACTS.md "Tensor stream"): ``open_checkpoint(path)`` returns a :class:`Checkpoint`
+that implements :class:`TensorSource`: ``config`` (an HF ``config.json`` dict), ``tokenizer_dir``,
+``tensor_infos()`` (HF names, shapes and dtypes in write order, ignored buffers such as rotary
+``inv_freq`` left out) and ``iter_tensors()`` (the same tensors, HF layout, one at a time), plus
+``load(name)`` for random access.
+
+Memory: no reader holds more than one tensor. ``.bin`` shards and ``.pth`` parts are opened with
+``torch.load(mmap=True, weights_only=True)``; a loaded tensor is copied out of the mapping and the
+mapped pages are then dropped (``madvise(MADV_DONTNEED)`` on the private, never-written mapping), so
+the resident set does not grow with the shard size. Safetensors data is read with plain file reads
+at the offsets of the header (safe_open is used for names, shapes and dtypes only), which never maps
+the file at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import mmap
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from . import names
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str  # HF tensor name, e.g. "model.layers.0.self_attn.q_proj.weight"
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * dtype_size(self.dtype)
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """What every writer consumes (HF writer, pth writer, GGUF writer)."""
+
+    config: dict  # HF config.json dict describing the OUTPUT (vocab_size correct, torch_dtype)
+    tokenizer_dir: Path | None  # folder holding tokenizer.model (+ added_tokens.json etc.) for the output
+
+    def tensor_infos(self) -> list[TensorInfo]: ...
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# torch dtype <-> names used in config.json and safetensors headers (data, not if-chains)
+DTYPE_BY_NAME: dict[str, torch.dtype] = {
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+}
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+SAFETENSORS_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ------------------------------------------------------------------ page dropping
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+try:  # Linux/glibc; elsewhere page dropping is a no-op (correct, only uses more memory)
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _madvise = _libc.madvise
+    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _madvise.restype = ctypes.c_int
+except (OSError, AttributeError):  # pragma: no cover
+    _madvise = None
+
+
+def drop_pages(t: torch.Tensor) -> None:
+    """Release the resident pages of a tensor that views a private, read-only file mapping.
+
+    Only ever called on tensors returned by ``torch.load(mmap=True)`` that nobody wrote to: for
+    such pages MADV_DONTNEED just forgets them and a later read faults them in from the file again.
+    """
+    if _madvise is None:
+        return
+    nbytes = t.untyped_storage().nbytes()
+    if nbytes < _PAGE:
+        return
+    start = t.untyped_storage().data_ptr()
+    lo = (start + _PAGE - 1) // _PAGE * _PAGE  # whole pages inside this storage only
+    hi = (start + nbytes) // _PAGE * _PAGE
+    if hi > lo:
+        _madvise(lo, hi - lo, _MADV_DONTNEED)
+
+
+def load_mmap(path: Path) -> dict:
+    """``torch.load(mmap=True, weights_only=True)``: names and lazily mapped tensors, no data read."""
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — any unpickling failure is an input problem
+        raise InputError(f"cannot read {path}: {exc}",
+                         expected="a PyTorch checkpoint of tensors (zip format, loadable with weights_only=True)",
+                         fix="re-download the file; legacy or pickled-code checkpoints are not accepted") from exc
+    if not isinstance(obj, dict):
+        raise InputError(f"{path} holds a {type(obj).__name__}, not a dict of tensors",
+                         expected="a state dict", fix="point at the checkpoint file itself")
+    return obj
+
+
+def copy_out(t: torch.Tensor) -> torch.Tensor:
+    """An owned copy of a mapped tensor; the mapped pages are dropped afterwards."""
+    out = t.clone()
+    drop_pages(t)
+    return out
+
+
+# ------------------------------------------------------------------ safetensors without mmap
+
+
+class SafetensorsFile:
+    """One safetensors file: header via safe_open, data via positioned reads (no mapping)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+            with open(path, "rb") as fh:
+                (hlen,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(hlen))
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"cannot read safetensors file {path}: {exc}",
+                             fix="re-download the file") from exc
+        self.data_start = 8 + hlen
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for k in keys:
+            e = header[k]
+            if e["dtype"] not in SAFETENSORS_DTYPES:
+                raise InputError(f"{path}: tensor {k} has dtype {e['dtype']}",
+                                 expected="F16, BF16 or F32", fix="use an unquantized checkpoint")
+            start, end = e["data_offsets"]
+            self.entries[k] = (SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]), start, end)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        dtype, shape, _, _ = self.entries[key]
+        return dtype, shape
+
+    def load(self, key: str) -> torch.Tensor:
+        dtype, shape, start, end = self.entries[key]
+        t = torch.empty(shape, dtype=dtype)
+        buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
+        if buf is not None:
+            with open(self.path, "rb", buffering=0) as fh:
+                fh.seek(self.data_start + start)
+                view = memoryview(buf)
+                got = 0
+                while got < end - start:
+                    n = fh.readinto(view[got:])
+                    if not n:
+                        raise InputError(f"{self.path} is truncated (tensor {key})", fix="re-download the file")
+                    got += n
+        return t
+
+
+# ------------------------------------------------------------------ the checkpoint
+
+
+class _Reader(Protocol):
+    def keys(self) -> list[str]: ...
+    def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]: ...
+    def load(self, key: str) -> torch.Tensor: ...
+
+
+class _BinFile:
+    """One ``.bin`` (zip pickle) file opened with mmap; tensors are copied out one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sd = load_mmap(path)
+        bad = [k for k, v in self._sd.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise InputError(f"{path}: entries {bad[:3]} are not tensors", expected="a state dict of tensors")
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        t = self._sd[key]
+        return t.dtype, tuple(t.shape)
+
+    def load(self, key: str) -> torch.Tensor:
+        return copy_out(self._sd[key])
+
+
+def open_tensor_file(path: Path) -> _Reader:
+    """Reader for one ``.safetensors`` or ``.bin``/``.pth`` file."""
+    return SafetensorsFile(path) if path.suffix == ".safetensors" else _BinFile(path)
+
+
+class Checkpoint:
+    """A LLaMA checkpoint on disk, read lazily. Implements :class:`TensorSource` plus ``load(name)``.
+
+    ``format`` is ``"hf-safetensors"``, ``"hf-bin"`` or ``"meta"``. Names are always HF names and
+    tensors always HF layout (Meta parts are joined and q/k permuted on load).
+    """
+
+    def __init__(self, path: Path, fmt: str, config: dict, tokenizer_dir: Path | None,
+                 layout: dict[str, list[tuple[_Reader, str]]], files: list[Path]) -> None:
+        self.path = path
+        self.format = fmt
+        self.config = config
+        self.tokenizer_dir = tokenizer_dir
+        self.files = files
+        self._layout = layout  # HF name -> [(reader, key in that file)] (several for Meta parts)
+        self._infos = self._make_infos()
+
+    # -- TensorSource
+    def tensor_infos(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._infos:
+            yield name, self.load(name)
+
+    # -- extras
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def load(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (HF naming and layout), an owned copy."""
+        parts = self._layout[name]
+        if self.format != "meta":
+            reader, key = parts[0]
+            return reader.load(key)
+        kind, _ = names.lookup(name, "hf")
+        pieces = [r.load(k) for r, k in parts]
+        t = pieces[0] if kind.meta_split_axis is None else torch.cat(pieces, dim=kind.meta_split_axis)
+        heads = names.heads_for(kind, n_head=self.config["num_attention_heads"],
+                                n_head_kv=self.config.get("num_key_value_heads", self.config["num_attention_heads"]))
+        if heads:
+            t = names.meta_to_hf_rotary(t, heads).contiguous()
+        return t
+
+    def _make_infos(self) -> dict[str, TensorInfo]:
+        infos: dict[str, TensorInfo] = {}
+        for name, parts in self._layout.items():
+            dtype, shape = parts[0][0].info(parts[0][1])
+            if self.format == "meta" and len(parts) > 1:
+                kind, _ = names.lookup(name, "hf")
+                if kind.meta_split_axis is not None:
+                    ax = kind.meta_split_axis
+                    shape = tuple(sum(r.info(k)[1][ax] for r, k in parts) if i == ax else d
+                                  for i, d in enumerate(shape))
+            infos[name] = TensorInfo(name, tuple(shape), dtype)
+        # canonical LLaMA order first, then anything unknown in file order
+        order = names.hf_names(int(self.config.get("num_hidden_layers", 0)))
+        known = [n for n in order if n in infos]
+        rest = [n for n in infos if n not in set(order)]
+        return {n: infos[n] for n in known + rest}
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, format={self.format!r}, tensors={len(self._infos)})"
+
+
+def _find_tokenizer_dir(*candidates: Path) -> Path | None:
+    for d in candidates:
+        if (d / "tokenizer.model").is_file():
+            return d
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {exc}", fix="check the file is complete JSON") from exc
+
+
+def _index_files(folder: Path, index_name: str, pattern: str) -> list[Path]:
+    index = folder / index_name
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise InputError(f"{index} lists shards that are missing: {', '.join(missing)}",
+                             expected="every shard named in the index next to it",
+                             fix="finish the download (zhllama download) or copy the missing shards")
+        return [folder / f for f in files]
+    return sorted(p for p in folder.glob(pattern) if not p.name.startswith("."))
+
+
+# Which files make up which format (data; tried in this order: safetensors preferred, it needs no pickle).
+_HF_FORMATS: tuple[tuple[str, str, str], ...] = (
+    ("hf-safetensors", "model.safetensors.index.json", "*.safetensors"),
+    ("hf-bin", "pytorch_model.bin.index.json", "pytorch_model*.bin"),
+)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open an HF folder (.safetensors or .bin shards, with or without index) or a Meta folder
+    (``consolidated.NN.pth`` + ``params.json``). Reads headers only."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"base model folder {path} does not exist",
+                         expected="a folder with config.json + weight shards, or consolidated.*.pth + params.json",
+                         fix="check the --base path")
+    if (path / "params.json").is_file() and list(path.glob("consolidated.*.pth")):
+        return _open_meta(path)
+    for fmt, index_name, pattern in _HF_FORMATS:
+        files = _index_files(path, index_name, pattern)
+        if files:
+            return _open_hf(path, fmt, files)
+    raise InputError(f"no model weights found in {path}",
+                     expected="model*.safetensors, pytorch_model*.bin (+ index), or consolidated.*.pth + params.json",
+                     fix="point --base at the folder that holds the weight files")
+
+
+def _open_hf(path: Path, fmt: str, files: list[Path]) -> Checkpoint:
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} has weight shards but no config.json", fix="download config.json with the model")
+    config = _read_json(path / "config.json")
+    layout: dict[str, list[tuple[_Reader, str]]] = {}
+    for f in files:
+        reader = open_tensor_file(f)
+        for key in reader.keys():
+            if names.is_ignored(key):
+                continue
+            if key in layout:
+                raise InputError(f"tensor {key} appears in two shards of {path}", fix="re-download the model")
+            layout[key] = [(reader, key)]
+    config = dict(config)
+    if "torch_dtype" not in config and layout:
+        first = next(iter(layout.values()))[0]
+        config["torch_dtype"] = dtype_name(first[0].info(first[1])[0])
+    return Checkpoint(path, fmt, config, _find_tokenizer_dir(path, path.parent), layout, files)
+
+
+_PART_RE = re.compile(r"consolidated\.(\d+)\.pth$")
+
+
+def _open_meta(path: Path) -> Checkpoint:
+    params = _read_json(path / "params.json")
+    files = sorted(path.glob("consolidated.*.pth"), key=lambda p: int(_PART_RE.search(p.name).group(1)))
+    readers = [_BinFile(f) for f in files]
+    layout: dict[str, list[tuple[_Reader, str]]] = {}
+    for key in readers[0].keys():
+        if names.is_ignored(key):
+            continue
+        found = names.lookup(key, "meta")
+        if found is None:
+            raise InputError(f"{files[0]}: unknown tensor {key}", expected="a LLaMA consolidated checkpoint")
+        missing = [str(r.path.name) for r in readers if key not in r.keys()]
+        if missing:
+            raise InputError(f"tensor {key} is missing from {', '.join(missing)}",
+                             fix="all consolidated.NN.pth parts must come from the same model")
+        layout[names.rename(key, src="meta", dst="hf")] = [(r, key) for r in readers]
+    ckpt = Checkpoint(path, "meta", {}, None, layout, files)
+    ckpt.config = meta_hf_config(params, ckpt._infos)
+    ckpt._infos = ckpt._make_infos()  # now ordered by the real layer count
+    ckpt.tokenizer_dir = _find_tokenizer_dir(path, path.parent)
+    return ckpt
+
+
+def meta_hf_config(params: dict, infos: dict[str, TensorInfo]) -> dict:
+    """HF config.json for a Meta checkpoint; sizes the params omit are read from tensor shapes."""
+    emb = infos["model.embed_tokens.weight"]
+    dtype = emb.dtype
+    vocab = params.get("vocab_size", -1)
+    vocab = emb.shape[0] if vocab in (-1, None) else vocab
+    heads = params["n_heads"]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": params["dim"],
+        "initializer_range": 0.02,
+        "intermediate_size": infos["model.layers.0.mlp.gate_proj.weight"].shape[0],
+        "max_position_embeddings": params.get("max_seq_len", 2048),
+        "model_type": "llama",
+        "num_attention_heads": heads,
+        "num_hidden_layers": params["n_layers"],
+        "num_key_value_heads": params.get("n_kv_heads") or heads,
+        "pad_token_id": 0,
+        "rms_norm_eps": params.get("norm_eps", 1e-6),
+        "rope_theta": params.get("rope_theta", 10000.0),
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype_name(dtype),
+        "use_cache": True,
+        "vocab_size": vocab,
+    }

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from .errors import InputError
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 PAD_PIECE = "[PAD]"
 
 
-class TokenizerKind(str, Enum):
+class TokenizerKind(StrEnum):
     """Which published tokenizer a build needs."""
 
     LLAMA = "llama"  # Chinese-LLaMA: LLaMA + Chinese pieces (49953 with the real inputs)

@@ -1,0 +1,60 @@
+"""`zhllama download SOURCE [--revision REV] [--include GLOB]... --out DIR`: fetch and verify inputs."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+from ..fsutil import human_bytes, write_text_atomic
+
+_SHA_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "download",
+        help="fetch a model or LoRA (hub repo, URL, folder, .zip/.tar.gz) and verify every file",
+        description="Sources: owner/name or hf://owner/name@rev (hub; HF_TOKEN for gated repos, "
+        "HF_ENDPOINT for a mirror), http(s)://... (resumed, retried), a local folder or file, or a "
+        ".zip/.tar.gz archive (extracted safely). Every file is checked against the hub's own digest "
+        "and the release's official sha256 when known; a mismatch is downloaded once more, then fails.",
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to put the files in")
+    p.add_argument("--revision", metavar="REV", help="hub branch, tag or commit sha (default: main)")
+    p.add_argument("--include", action="append", metavar="GLOB",
+                   help="only files matching GLOB (repeatable), e.g. --include '*.json' --include "
+                   "'adapter_model.bin'")
+    p.add_argument("--sha256", action="append", default=[], metavar="FILE=HEX",
+                   help="expected sha256 of FILE (repeatable); checked in addition to the catalog's")
+    p.add_argument("--lock", type=Path, metavar="PATH",
+                   help="write the lock record (resolved commit, digests) as JSON to PATH")
+    p.set_defaults(func=run)
+
+
+def _expected(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, digest = item.partition("=")
+        if not sep or not _SHA_RE.match(digest.strip()):
+            raise InputError(f"--sha256 {item!r} is not FILE=HEX", expected="a file name, '=', 64 hex digits")
+        out[name.strip()] = digest.strip().lower()
+    return out
+
+
+def run(args) -> int:
+    from ..download import download
+
+    result = download(args.source, out=args.out, revision=args.revision, include=args.include,
+                      expected=_expected(args.sha256))
+    for art in result.files:
+        print(art.summary(result.out))
+    total = sum(a.size for a in result.files)
+    pinned = f" at commit {result.commit}" if result.commit else ""
+    print(f"{len(result.files)} files, {human_bytes(total)}, from {result.source}{pinned} -> {result.out}",
+          file=sys.stderr)
+    if args.lock:
+        write_text_atomic(args.lock, result.lock_json() + "\n")
+    return 0

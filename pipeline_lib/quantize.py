@@ -1,0 +1,190 @@
+"""Quantize a GGUF file with the real llama.cpp (llama-cpp-python's ``llama_model_quantize``).
+
+Contract: for each requested type the output is exactly what llama.cpp's quantizer writes for
+that input and ftype with its default parameters (``llama_model_quantize_default_params()``; only
+``ftype`` and ``nthread`` are set), so it is byte-identical to ``llama-quantize IN OUT TYPE``.
+Each output is written to a ``.tmp-*`` sibling and renamed into place when complete. Progress is
+read from llama.cpp's own per-tensor log lines (``[  3/ 21] blk.0.attn_q.weight ...``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+from .fsutil import atomic_path, check_disk_space, human_bytes
+from .progress import bar
+
+log = logging.getLogger(__name__)
+
+# type name -> llama.cpp ftype (enum llama_ftype, LLAMA_FTYPE_MOSTLY_*), as data
+QUANT_TYPES: dict[str, int] = {
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 8,
+    "q5_1": 9,
+    "q8_0": 7,
+    "q2_K": 10,
+    "q3_K_S": 11,
+    "q3_K_M": 12,
+    "q3_K_L": 13,
+    "q4_K_S": 14,
+    "q4_K_M": 15,
+    "q5_K_S": 16,
+    "q5_K_M": 17,
+    "q6_K": 18,
+}
+# rough bits per weight of each type (block size and scale overhead), for disk-space planning only
+_PLAN_BPW: dict[str, float] = {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5, "q2_K": 3.4,
+                               "q3_K_S": 3.6, "q3_K_M": 4.0, "q3_K_L": 4.3, "q4_K_S": 4.6, "q4_K_M": 4.9,
+                               "q5_K_S": 5.6, "q5_K_M": 5.7, "q6_K": 6.6}
+
+_PROGRESS_RE = re.compile(r"\[\s*(\d+)\s*/\s*(\d+)\s*\]")
+
+
+def resolve_type(name: str) -> str:
+    """Canonical type name (case-insensitive: 'Q4_K_M' -> 'q4_K_M'); InputError for unknown types."""
+    by_lower = {k.lower(): k for k in QUANT_TYPES}
+    key = by_lower.get(name.strip().lower())
+    if key is None:
+        raise InputError(f"unknown quantization type {name!r}", expected=", ".join(QUANT_TYPES),
+                         fix="pick one of the listed types (q4_0 is the 2023 release's usual choice, "
+                             "q4_K_M / q5_K_M a better size/quality trade-off)")
+    return key
+
+
+@dataclass(frozen=True)
+class QuantizedFile:
+    qtype: str
+    path: Path
+    file_bytes: int
+    n_params: int
+    bits_per_weight: float  # tensor data bits / parameters
+    seconds: float
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    source: Path
+    source_bytes: int
+    outputs: tuple[QuantizedFile, ...]
+
+
+def output_name(src: Path, qtype: str) -> str:
+    """``model.f16.gguf`` / ``model-f16.gguf`` / ``model.gguf`` -> ``model.<qtype>.gguf``."""
+    stem = src.name.removesuffix(".gguf")
+    stem = re.sub(r"[.-](f16|f32|bf16|F16|F32|BF16)$", "", stem)
+    return f"{stem}.{qtype}.gguf"
+
+
+def gguf_stats(path: Path) -> tuple[int, int]:
+    """(parameters, tensor data bytes) of a GGUF file."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    return sum(int(t.n_elements) for t in r.tensors), sum(int(t.n_bytes) for t in r.tensors)
+
+
+class _LogProgress:
+    """Route llama.cpp's log lines to a progress callback (and our logger) while quantizing."""
+
+    def __init__(self, on_tensor: Callable[[int, int], None]) -> None:
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        self._on_tensor = on_tensor
+
+        @llama_cpp.llama_log_callback
+        def _cb(level, text, user_data):  # called from llama.cpp, with the GIL
+            try:
+                line = text.decode("utf-8", "replace")
+                m = _PROGRESS_RE.search(line)
+                if m:
+                    self._on_tensor(int(m.group(1)), int(m.group(2)))
+                if line.strip():
+                    log.debug("llama.cpp: %s", line.rstrip())
+            except Exception:  # never raise into C
+                pass
+
+        self._cb = _cb
+
+    def __enter__(self):
+        self._llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc):
+        from llama_cpp import _logger
+
+        self._llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+_LOCK = threading.Lock()  # the log callback is process-global: one quantization at a time
+
+
+def quantize_one(src: Path, out: Path, qtype: str, *, threads: int | None = None,
+                 on_tensor: Callable[[int, int], None] | None = None) -> None:
+    """llama.cpp-quantize ``src`` to ``out`` (atomically) with default parameters."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[qtype]
+    params.nthread = int(threads or 0)  # 0: llama.cpp uses all hardware threads
+    with _LOCK, atomic_path(out) as tmp, _LogProgress(on_tensor or (lambda i, n: None)):
+        rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params))
+        if rc != 0:
+            raise InputError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc})",
+                             expected="a complete GGUF LLaMA model in f32/f16/bf16",
+                             fix="check the input with `zhllama convert` again; run with -vv to see llama.cpp's log")
+
+
+def quantize(gguf_path: str | os.PathLike[str], *, qtypes: Sequence[str], out_dir: str | os.PathLike[str],
+             threads: int | None = None, on_progress: Callable[[str, int, int], None] | None = None,
+             ) -> QuantizeResult:
+    """Quantize ``gguf_path`` once per type in ``qtypes`` into ``out_dir`` (one file per type).
+
+    All types are checked, and the disk space for all outputs, before the first one starts.
+    ``on_progress(qtype, tensors_done, tensors_total)`` follows llama.cpp's per-tensor progress.
+    """
+    src = Path(gguf_path)
+    if not src.is_file():
+        raise InputError(f"no GGUF file at {src}", fix="convert the model first: zhllama convert MODEL_DIR --out FILE.gguf")
+    with open(src, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise InputError(f"{src} is not a GGUF file", expected="a file written by `zhllama convert`")
+    types = list(dict.fromkeys(resolve_type(q) for q in qtypes))
+    if not types:
+        raise InputError("no quantization type given", expected=", ".join(QUANT_TYPES))
+    if threads is not None and threads < 0:
+        raise InputError(f"--threads {threads}", expected="a thread count >= 1 (or 0 for all cores)")
+    out_dir = Path(out_dir)
+    n_params, src_tensor_bytes = gguf_stats(src)
+    need = sum(int(n_params * _PLAN_BPW[q] / 8) for q in types) + src.stat().st_size - src_tensor_bytes
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_disk_space(out_dir, need, what=f"{len(types)} quantized file(s)")
+    outputs = []
+    for q in types:
+        out = out_dir / output_name(src, q)
+        t0 = time.perf_counter()
+        with bar(None, f"quantize {q}", unit="tensor") as pbar:
+            def on_tensor(i: int, n: int, q=q, pbar=pbar) -> None:
+                pbar.total = n
+                pbar.n = i
+                pbar.refresh()
+                if on_progress is not None:
+                    on_progress(q, i, n)
+
+            quantize_one(src, out, q, threads=threads, on_tensor=on_tensor)
+        _, tensor_bytes = gguf_stats(out)
+        res = QuantizedFile(qtype=q, path=out, file_bytes=out.stat().st_size, n_params=n_params,
+                            bits_per_weight=tensor_bytes * 8 / n_params, seconds=time.perf_counter() - t0)
+        log.info("%s: %s, %.2f bits per weight", out, human_bytes(res.file_bytes), res.bits_per_weight)
+        outputs.append(res)
+    return QuantizeResult(source=src, source_bytes=src.stat().st_size, outputs=tuple(outputs))

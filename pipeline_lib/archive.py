@@ -126,7 +126,12 @@ def _tar_members(archive: Path, tf: tarfile.TarFile) -> list[Member]:
         if info.issym():
             out.append(Member(name, "symlink", 0, info.linkname))
         elif info.islnk():
-            out.append(Member(name, "hardlink", 0, _safe_name(archive, info.linkname)))
+            try:
+                target = _safe_name(archive, info.linkname)
+            except InputError:
+                raise _reject(archive, f"hard link {info.name!r} -> {info.linkname!r} points outside the "
+                              "archive folder") from None
+            out.append(Member(name, "hardlink", 0, target))
         elif info.isdir():
             out.append(Member(name, "dir", 0))
         elif info.isreg():

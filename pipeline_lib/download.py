@@ -454,8 +454,10 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
                 raise IntegrityError(
                     f"{f.path} in hub repo {repo} at commit {commit} has sha256 {f.lfs_sha256} (hub LFS listing)",
                     expected=f"{digest} ({label})",
-                    fix="the hub copy differs from the reference; pin a revision that holds the official file "
-                    "(--revision) or get the file from the official release")
+                    fix="the hub copy differs from the official release; pin a revision that holds the official "
+                    "file (--revision) or get it from the release's own archive"
+                    if label.startswith("official") else "check the digest you gave (--sha256 / expected=), or "
+                    "pin the revision it belongs to (--revision)")
     storage = cache / repo_folder_name(repo_id=repo, repo_type="model")
     missing = sum(f.size for f in files if not (storage / "blobs" / f.etag).exists())
     check_disk_space(cache, missing, what=f"downloading {repo} into the HF cache")
@@ -759,7 +761,6 @@ def _download_http(src: Source, *, out: Path, include, expected, retries, backof
     refs = _merge_refs(expected, None)
     want = _refs_for(name, refs)
     archive = is_archive(name)
-    problem = None
     for attempt in (1, 2):
         if not cached.exists():
             fetch_url(url, cached, retries=retries, backoff=backoff)
@@ -767,13 +768,14 @@ def _download_http(src: Source, *, out: Path, include, expected, retries, backof
         bad = [(label, d) for label, d in want if d != sha]
         if not bad:
             break
-        problem = f"sha256 {sha}, the {bad[0][0]} is {bad[0][1]}"
         cached.unlink(missing_ok=True)
         if attempt == 2:
-            raise IntegrityError(f"{name} from {src.text} is corrupt after 2 downloads: {problem}",
-                                 expected="the reference digest", fix="the bad file was removed; check the URL "
-                                 "and retry over another network")
-        log.warning("%s: %s; downloading it again", name, problem)
+            raise IntegrityError(f"{name} from {src.text} is corrupt after 2 downloads: sha256 {sha}",
+                                 expected=f"{bad[0][1]} ({bad[0][0]})",
+                                 fix="the bad file was removed; check the URL and the digest, and retry over "
+                                 "another network (a proxy may be altering the transfer)")
+        log.warning("%s from %s has sha256 %s, expected %s (%s); downloading it again", name, src.text, sha,
+                    bad[0][1], bad[0][0])
     matched = tuple(label for label, _ in want)
     if archive:
         return _from_archive(src, cached, out=out, include=include, expected=expected, on_file=on_file,

@@ -123,11 +123,12 @@ def test_tar_hardlink_out_rejected(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("secret")
     arc = _tar(tmp_path / "bad.tar.gz", [("a.txt", b"a"), _link("evil", "../secret.txt", tarfile.LNKTYPE)])
-    with pytest.raises(InputError, match="'..'"):
+    with pytest.raises(InputError, match="hard link 'evil' -> '../secret.txt' points outside"):
         extract_archive(arc, out=tmp_path / "out")
     _assert_nothing_written(tmp_path, tmp_path / "out")
+    assert secret.read_text() == "secret"
     arc2 = _tar(tmp_path / "bad2.tar.gz", [_link("evil", str(secret), tarfile.LNKTYPE)])
-    with pytest.raises(InputError, match="absolute path"):
+    with pytest.raises(InputError, match="points outside"):
         extract_archive(arc2, out=tmp_path / "out")
     arc3 = _tar(tmp_path / "bad3.tar.gz", [_link("evil", "not-a-member", tarfile.LNKTYPE)])
     with pytest.raises(InputError, match="does not point to an earlier file member"):

@@ -53,7 +53,8 @@ def run(args) -> int:
         print(art.summary(result.out))
     total = sum(a.size for a in result.files)
     pinned = f" at commit {result.commit}" if result.commit else ""
-    print(f"{len(result.files)} files, {human_bytes(total)}, from {result.source}{pinned} -> {result.out}",
+    n = len(result.files)
+    print(f"{n} file{'s' if n != 1 else ''}, {human_bytes(total)}, from {result.source}{pinned} -> {result.out}",
           file=sys.stderr)
     if args.lock:
         write_text_atomic(args.lock, result.lock_json() + "\n")

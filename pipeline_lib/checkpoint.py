@@ -22,6 +22,7 @@ import logging
 import mmap
 import re
 import struct
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,10 +113,17 @@ def drop_pages(t: torch.Tensor) -> None:
         _madvise(lo, hi - lo, _MADV_DONTNEED)
 
 
-def load_mmap(path: Path) -> dict:
-    """``torch.load(mmap=True, weights_only=True)``: names and lazily mapped tensors, no data read."""
+def load_mmap(path: Path) -> tuple[dict, bool]:
+    """``torch.load(mmap=True, weights_only=True)``: names and lazily mapped tensors, no data read.
+
+    Returns the state dict and whether it is mapped (legacy non-zip files are read into memory).
+    """
+    # legacy (pre-zip) pickles cannot be mapped; they are small in practice (old adapter files)
+    use_mmap = zipfile.is_zipfile(path)
+    if not use_mmap:
+        log.warning("%s is a legacy (non-zip) PyTorch file: read into memory, not mapped", path)
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        obj = torch.load(path, map_location="cpu", mmap=use_mmap, weights_only=True)
     except Exception as exc:  # noqa: BLE001 — any unpickling failure is an input problem
         raise InputError(f"cannot read {path}: {exc}",
                          expected="a PyTorch checkpoint of tensors (zip format, loadable with weights_only=True)",
@@ -123,13 +131,17 @@ def load_mmap(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise InputError(f"{path} holds a {type(obj).__name__}, not a dict of tensors",
                          expected="a state dict", fix="point at the checkpoint file itself")
-    return obj
+    return obj, use_mmap
 
 
-def copy_out(t: torch.Tensor) -> torch.Tensor:
-    """An owned copy of a mapped tensor; the mapped pages are dropped afterwards."""
+def copy_out(t: torch.Tensor, *, mapped: bool) -> torch.Tensor:
+    """An owned copy of a tensor; if it views a file mapping, the mapped pages are dropped afterwards.
+
+    Never drop pages of anonymous memory (``mapped=False``): MADV_DONTNEED would zero them.
+    """
     out = t.clone()
-    drop_pages(t)
+    if mapped:
+        drop_pages(t)
     return out
 
 
@@ -200,7 +212,7 @@ class _BinFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._sd = load_mmap(path)
+        self._sd, self._mapped = load_mmap(path)
         bad = [k for k, v in self._sd.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise InputError(f"{path}: entries {bad[:3]} are not tensors", expected="a state dict of tensors")
@@ -213,7 +225,7 @@ class _BinFile:
         return t.dtype, tuple(t.shape)
 
     def load(self, key: str) -> torch.Tensor:
-        return copy_out(self._sd[key])
+        return copy_out(self._sd[key], mapped=self._mapped)
 
 
 def open_tensor_file(path: Path) -> _Reader:

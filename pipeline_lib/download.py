@@ -434,19 +434,33 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
     repo, revision = src.repo, src.revision or "main"
     api = HfApi(endpoint=endpoint, token=token)
 
+    storage = cache / repo_folder_name(repo_id=repo, repo_type="model")
+
     # 1. plan: resolve the commit, list the tree, pick files, check digests we already know, disk space
-    commit = revision if _COMMIT_RE.match(revision) else None
-    if commit is None:
-        info = _hub_call(lambda: api.model_info(repo, revision=revision), src, endpoint)
-        commit = info.sha
-    tree = _hub_call(lambda: [f for f in api.list_repo_tree(repo, revision=commit, recursive=True)
-                              if isinstance(f, RepoFile)], src, endpoint)
-    files = [_HubFile(f.path, f.lfs.size if f.lfs else f.size, f.blob_id, f.lfs.sha256 if f.lfs else None)
-             for f in tree if _matches(f.path, include)]
+    online = True
+    try:
+        commit = revision if _COMMIT_RE.match(revision) else None
+        if commit is None:
+            commit = _hub_call(lambda: api.model_info(repo, revision=revision), src, endpoint).sha
+        listing = _hub_call(lambda: {f.path: (f.lfs.size if f.lfs else f.size, f.blob_id,
+                                              f.lfs.sha256 if f.lfs else None)
+                                     for f in api.list_repo_tree(repo, revision=commit, recursive=True)
+                                     if isinstance(f, RepoFile)}, src, endpoint)
+    except DownloadError as exc:  # hub unreachable: a complete cached snapshot of the revision still works
+        cached = _cached_listing(storage, revision)
+        if cached is None:
+            raise DownloadError(exc.seen + "; the HF cache holds no listing of that revision to work offline",
+                                fix=exc.fix) from None
+        commit, listing = cached
+        online = False
+        log.warning("hub unreachable; using the cached snapshot of %s@%s, checked against the cached hub "
+                    "listing", repo, commit[:12])
+    files = [_HubFile(path, size, oid, lfs) for path, (size, oid, lfs) in sorted(listing.items())
+             if _matches(path, include)]
     if not files:
-        listing = ", ".join(sorted(f.path for f in tree)[:12]) or "(empty repo)"
+        names = ", ".join(sorted(listing)[:12]) or "(empty repo)"
         raise InputError(f"no file of {repo}@{commit[:12]} matches --include {include}",
-                         expected=f"a glob matching some of: {listing}", fix="fix the --include globs")
+                         expected=f"a glob matching some of: {names}", fix="fix the --include globs")
     refs = _merge_refs(expected, _catalog_expected(repo))
     for f in files:
         for label, digest in _refs_for(f.path, refs):
@@ -458,22 +472,30 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
                     "file (--revision) or get it from the release's own archive"
                     if label.startswith("official") else "check the digest you gave (--sha256 / expected=), or "
                     "pin the revision it belongs to (--revision)")
-    storage = cache / repo_folder_name(repo_id=repo, repo_type="model")
+    snapshot = storage / "snapshots" / commit
+    if not online:
+        absent = [f.path for f in files if not (snapshot / f.path).is_file()]
+        if absent:
+            raise DownloadError(f"cannot reach the hub at {redact_url(endpoint)} and the HF cache misses "
+                                f"{len(absent)} file(s) of {repo}@{commit[:12]}: {', '.join(absent[:5])}",
+                                fix="retry with network access (HF_HUB_OFFLINE unset)")
     missing = sum(f.size for f in files if not (storage / "blobs" / f.etag).exists())
     check_disk_space(cache, missing, what=f"downloading {repo} into the HF cache")
     total = sum(f.size for f in files)
-    out.mkdir(parents=True, exist_ok=True)
-    if os.stat(out).st_dev != os.stat(cache if cache.exists() else _existing_parent(cache)).st_dev:
+    if os.stat(_existing_parent(out)).st_dev != os.stat(_existing_parent(cache)).st_dev:
         check_disk_space(out, total, what=f"copying {repo} into {out}")
-    log.info("downloading %d files (%s) from hf://%s@%s", len(files), human_bytes(total), repo, commit[:12])
+    log.info("%s %d files (%s) from hf://%s@%s", "downloading" if online else "using cached", len(files),
+             human_bytes(total), repo, commit[:12])
 
     # 2. fetch with the real client (its cache, its resume), only the planned files
     paths = [f.path for f in files]
-    snapshot = Path(_hub_call(lambda: snapshot_download(
-        repo, revision=commit, cache_dir=str(cache), endpoint=endpoint, token=token,
-        allow_patterns=[_glob_escape(p) for p in paths], max_workers=max_workers, tqdm_class=_Bar), src, endpoint))
-    if revision != commit:
-        _write_ref(storage, revision, commit)
+    if online:
+        snapshot = Path(_hub_call(lambda: snapshot_download(
+            repo, revision=commit, cache_dir=str(cache), endpoint=endpoint, token=token,
+            allow_patterns=[_glob_escape(p) for p in paths], max_workers=max_workers, tqdm_class=_Bar),
+            src, endpoint))
+        if revision != commit:
+            _write_ref(storage, revision, commit)
 
     # 3. verify every file; evict + fetch once more on a mismatch
     digests = _sha256_many([snapshot / p for p in paths])
@@ -483,9 +505,13 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
         sha = digests[local]
         matched, problem = _check_hub_file(local, f, sha, _refs_for(f.path, refs))
         if problem is not None:
+            _evict(storage, commit, f)
+            if not online:
+                raise IntegrityError(f"cached {f.path} of hf://{repo}@{commit} has {problem[0]}",
+                                     expected=problem[1], fix="the bad file was removed from the HF cache; "
+                                     "run again with network access to download it")
             log.warning("%s from hf://%s@%s has %s, expected %s; downloading it again", f.path, repo,
                         commit[:12], problem[0], problem[1])
-            _evict(storage, commit, f)
             again = Path(_hub_call(lambda f=f: hf_hub_download(
                 repo, f.path, revision=commit, cache_dir=str(cache), endpoint=endpoint, token=token,
                 tqdm_class=_Bar), src, endpoint))
@@ -501,6 +527,7 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
         checked[f.path] = (sha, matched)
 
     # 4. place into out (hard links into the HF cache where possible)
+    out.mkdir(parents=True, exist_ok=True)
     artifacts = []
     for f in files:
         dest = out / f.path
@@ -514,6 +541,24 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
     lock = _lock(src, "hub", files=artifacts, out=out, include=include, repo=repo, revision=revision,
                  commit=commit, endpoint=redact_url(endpoint))
     return DownloadResult(src.text, "hub", out, tuple(artifacts), commit, lock)
+
+
+def _cached_listing(storage: Path, revision: str) -> tuple[str, dict] | None:
+    """(commit, {path: (size, git oid, lfs sha256)}) from the client's cached tree listing, if any."""
+    commit = revision if _COMMIT_RE.match(revision) else None
+    ref = storage / "refs" / revision
+    if commit is None and ref.is_file():
+        commit = ref.read_text().strip()
+    if commit is None:
+        return None
+    try:
+        from huggingface_hub._tree_cache import read_tree_cache
+    except ImportError:  # older or newer client without the tree cache: no offline mode
+        return None
+    entries = read_tree_cache(str(storage), commit)
+    if entries is None:
+        return None
+    return commit, {p: (e.lfs_size if e.lfs_sha256 else e.size, e.blob_id, e.lfs_sha256) for p, e in entries.items()}
 
 
 def _existing_parent(p: Path) -> Path:

@@ -91,6 +91,7 @@ class _ServerBase:
         self._faults: dict[tuple, _Fault] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self):
@@ -101,6 +102,16 @@ class _ServerBase:
 
             def log_message(self, *args):  # keep test output quiet
                 pass
+
+            def setup(self):
+                super().setup()
+                with owner._lock:
+                    owner._conns.add(self.connection)
+
+            def finish(self):
+                with owner._lock:
+                    owner._conns.discard(self.connection)
+                super().finish()
 
             def do_HEAD(self):
                 owner._dispatch(self, "HEAD")
@@ -116,9 +127,17 @@ class _ServerBase:
         return self
 
     def stop(self) -> None:
+        """Stop serving and close open keep-alive connections (clients see the server gone)."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            with self._lock:
+                conns = list(self._conns)
+            for conn in conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             self._server = None
 
     def __enter__(self):

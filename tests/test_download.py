@@ -155,6 +155,41 @@ def test_unreachable_hub(tmp_path, monkeypatch):
     assert "cannot fetch tester/tiny-lora from the hub" in str(err.value)
 
 
+def test_cache_tampering_detected_and_repaired(hub, files, tmp_path):
+    download(REPO, out=tmp_path / "one", include=["adapter_model.bin"])
+    blob = _cache_repo() / "blobs" / sha(files["adapter_model.bin"])
+    data = bytearray(blob.read_bytes())
+    data[10] ^= 1
+    blob.unlink()  # replace, not write in place: --out holds a hard link to the blob
+    blob.write_bytes(bytes(data))
+    res = download(REPO, out=tmp_path / "two", include=["adapter_model.bin"])
+    assert res.files[0].path.read_bytes() == files["adapter_model.bin"]
+    assert blob.read_bytes() == files["adapter_model.bin"]
+
+
+def test_offline_uses_verified_cache(files, tmp_path, monkeypatch):
+    with FakeHub({REPO: files}) as h:
+        monkeypatch.setenv("HF_ENDPOINT", h.url)
+        first = download(REPO, out=tmp_path / "online", include=["*.bin", "*.json"])
+    # the hub is gone (connection refused): the cached, complete snapshot of "main" is used and re-verified
+    res = download(REPO, out=tmp_path / "offline", include=["*.bin", "*.json"])
+    assert res.commit == first.commit
+    assert [a.verified_against[0] for a in res.files] == ["hub git sha1", "hub lfs sha256"]
+    with pytest.raises(DownloadError) as err:
+        download(REPO, out=tmp_path / "more")  # tokenizer.model was never fetched
+    print(err.value)
+    assert "the HF cache misses 2 file(s)" in str(err.value)
+    blob = _cache_repo() / "blobs" / sha(files["adapter_model.bin"])
+    blob.unlink()
+    blob.write_bytes(b"rotten")
+    with pytest.raises(IntegrityError) as err:
+        download(REPO, out=tmp_path / "rotten", include=["*.bin"])
+    print(err.value)
+    assert "cached adapter_model.bin" in str(err.value) and not blob.exists()
+    with pytest.raises(DownloadError, match="holds no listing of that revision"):
+        download(REPO, revision="v2", out=tmp_path / "never")
+
+
 def test_revision_pin(hub, files, tmp_path):
     old = hub.head(REPO)
     new = hub.commit(REPO, {"adapter_model.bin": b"retrained" * 100})

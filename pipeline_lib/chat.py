@@ -202,6 +202,8 @@ class _StopFilter:
         self.stopped = False
 
     def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
         self.pending += piece
         for s in self.stops:
             i = self.pending.find(s)

@@ -51,11 +51,13 @@ def _ours(module: str, attr: str):
     return getattr(mod, attr, None)
 
 
-def convert_to_gguf(hf_dir: Path, out: Path, *, tools: Path) -> Path:
+def convert_to_gguf(hf_dir: Path, out: Path, *, tools) -> Path:
+    """Our converter when present; else llama.cpp's reference script (``tools()`` gives its folder)."""
     convert = _ours("gguf_export", "convert")
     if convert is not None:
         convert(hf_dir, out=out, outtype="f16")
         return out
+    tools = tools()
     env = dict(os.environ, PYTHONPATH=str(tools / "gguf-py"), NO_LOCAL_GGUF="")
     subprocess.run([sys.executable, str(tools / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out),
                     "--outtype", "f16"], check=True, env=env, capture_output=True)
@@ -66,12 +68,7 @@ def quantize_gguf(src: Path, qtype: str, out_dir: Path) -> Path:
     quantize = _ours("quantize", "quantize")
     if quantize is not None:
         res = quantize(src, qtypes=[qtype], out_dir=out_dir)
-        outputs = getattr(res, "outputs", None) or getattr(res, "files", None)
-        if isinstance(outputs, dict):
-            return Path(outputs[qtype])
-        found = sorted(out_dir.glob(f"*{qtype}*.gguf"))
-        if found:
-            return found[0]
+        return next(Path(o.path) for o in res.outputs if o.qtype.lower() == qtype.lower())
     import llama_cpp
 
     out = out_dir / f"{src.stem.replace('f16', qtype)}.gguf"
@@ -99,7 +96,13 @@ def eval_models(tmp_path_factory, tiny_release) -> EvalModels:
     from pipeline_lib.synthetic import random_weights, save_hf_base
 
     root = tmp_path_factory.mktemp("eval-models")
-    tools = extract_converter(root / "reference")
+    extracted: list[Path] = []
+
+    def tools() -> Path:  # extracted only if our converter is missing
+        if not extracted:
+            extracted.append(extract_converter(root / "reference"))
+        return extracted[0]
+
     toks = tiny_release.tokenizers
     cfg = replace(tiny_release.config, vocab_size=tiny_release.alpaca_vocab)
     alpaca_hf = save_hf_base(random_weights(cfg, seed=11), cfg, root / "alpaca-hf",

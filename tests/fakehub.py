@@ -51,6 +51,13 @@ def git_blob_sha1(data: bytes) -> str:
 class _Commit:
     sha: str
     files: dict[str, bytes]
+    digests: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (git sha1, sha256), once
+
+    def digest(self, path: str) -> tuple[str, str]:
+        if path not in self.digests:
+            data = self.files[path]
+            self.digests[path] = (git_blob_sha1(data), hashlib.sha256(data).hexdigest())
+        return self.digests[path]
 
 
 @dataclass
@@ -397,9 +404,10 @@ class FakeHub(_ServerBase):
                     entries.setdefault(d, {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(),
                                            "size": 0, "path": d})
             data = commit.files[path]
-            entry = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path}
+            oid, sha256 = commit.digest(path)
+            entry = {"type": "file", "oid": oid, "size": len(data), "path": path}
             if self._is_lfs(path):
-                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                entry["lfs"] = {"oid": sha256, "size": len(data), "pointerSize": 134}
             entries[path] = entry
         return list(entries.values())
 
@@ -412,12 +420,12 @@ class FakeHub(_ServerBase):
             self._send_error(h, 404, "EntryNotFound", "Entry not found", method=method,
                              headers={"X-Repo-Commit": commit.sha})
             return
+        oid, sha256 = commit.digest(path)
         headers = {"X-Repo-Commit": commit.sha}
         if self._is_lfs(path):
-            sha256 = hashlib.sha256(data).hexdigest()
             headers.update({"ETag": f'"{sha256}"', "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": len(data)})
         else:
-            headers["ETag"] = f'"{git_blob_sha1(data)}"'
+            headers["ETag"] = f'"{oid}"'
         self._send_file(h, data, headers, method=method, fault_key=("hub", repo, path))
 
 
@@ -427,6 +435,7 @@ class FileServer(_ServerBase):
     def __init__(self, files: dict[str, bytes] | None = None) -> None:
         super().__init__()
         self.files: dict[str, bytes] = dict(files or {})
+        self._etags: dict[str, tuple[bytes, str]] = {}
 
     def corrupt(self, name: str, *, times: int | None = 1, at: float = 0.5) -> None:
         with self._lock:
@@ -445,7 +454,10 @@ class FileServer(_ServerBase):
         if data is None:
             self._send(h, 404, b"not found", {"Content-Type": "text/plain"}, method=method)
             return
-        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+        cached = self._etags.get(name)
+        if cached is None or cached[0] is not data:  # hash each content once, not per request
+            cached = self._etags[name] = (data, '"' + hashlib.sha256(data).hexdigest()[:16] + '"')
+        etag = cached[1]
         if_range = h.headers.get("If-Range")
         if if_range is not None and if_range != etag:
             del h.headers["Range"]  # stale validator: send the whole (new) file

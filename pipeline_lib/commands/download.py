@@ -24,9 +24,9 @@ def register(sub) -> None:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to put the files in")
     p.add_argument("--revision", metavar="REV", help="hub branch, tag or commit sha (default: main)")
-    p.add_argument("--include", action="append", metavar="GLOB",
-                   help="only files matching GLOB (repeatable), e.g. --include '*.json' --include "
-                   "'adapter_model.bin'")
+    p.add_argument("--include", action="extend", nargs="+", metavar="GLOB",
+                   help="only files matching a GLOB (path or file name; repeatable), e.g. --include '*.json' "
+                   "adapter_model.bin; put SOURCE before it")
     p.add_argument("--sha256", action="append", default=[], metavar="FILE=HEX",
                    help="expected sha256 of FILE (repeatable); checked in addition to the catalog's")
     p.add_argument("--lock", type=Path, metavar="PATH",

@@ -793,9 +793,28 @@ def fetch_url(url: str, dest: str | os.PathLike[str], *, retries: int = 5, backo
             log.warning("%s: %s at %s; retrying in %.1fs", shown, problem, human_bytes(after), delay)
             time.sleep(delay)
     os.replace(part, dest)
+    if state["validator"]:  # kept to ask the server later whether the cached copy is still current
+        dest.with_name(dest.name + ".json").write_text(json.dumps({"validator": state["validator"], "url": shown}))
     meta.unlink(missing_ok=True)
     fsync_dir(dest.parent)
     return dest
+
+
+def _still_current(url: str, cached: Path, *, timeout: float = 30.0) -> bool:
+    """True when the server's ETag/Last-Modified for ``url`` equals the one saved with ``cached``."""
+    try:
+        saved = json.loads(cached.with_name(cached.name + ".json").read_text()).get("validator")
+    except (OSError, ValueError):
+        return False
+    if not saved:
+        return False
+    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": f"zhllama/{__version__}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only
+            now = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+    except (urllib.error.URLError, http.client.HTTPException, OSError):
+        return False
+    return now == saved
 
 
 def _download_http(src: Source, *, out: Path, include, expected, retries, backoff, on_file) -> DownloadResult:
@@ -806,6 +825,12 @@ def _download_http(src: Source, *, out: Path, include, expected, retries, backof
     refs = _merge_refs(expected, None)
     want = _refs_for(name, refs)
     archive = is_archive(name)
+    if cached.exists():
+        # reuse a finished earlier download only if it is known to be current: it matches the reference
+        # digests given, or the server still reports the same ETag/Last-Modified
+        fresh = all(d == _sha256_many([cached])[cached] for _, d in want) if want else _still_current(url, cached)
+        if not fresh:
+            cached.unlink()
     for attempt in (1, 2):
         if not cached.exists():
             fetch_url(url, cached, retries=retries, backoff=backoff)

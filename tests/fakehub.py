@@ -69,9 +69,10 @@ class _Repo:
 
 @dataclass
 class _Fault:
-    kind: str  # "corrupt" | "drop"
+    kind: str  # "corrupt" | "drop" | "status"
     times: int | None  # None = always
     at: float  # fraction of the file where the fault happens
+    status: int = 0  # for "status": the HTTP error answered instead of the file
 
 
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -228,6 +229,9 @@ class _ServerBase:
         fault = self._take_fault(fault_key) if method == "GET" else None
         if fault is None:
             self._send(h, status, body, headers, method=method)
+            return
+        if fault.kind == "status":
+            self._send_error(h, fault.status, None, f"injected HTTP {fault.status}", method=method)
             return
         cut = min(max(int(size * fault.at) - start, 0), max(len(body) - 1, 0))
         if fault.kind == "corrupt":
@@ -444,6 +448,11 @@ class FileServer(_ServerBase):
     def drop(self, name: str, *, times: int | None = 1, at: float = 0.5) -> None:
         with self._lock:
             self._faults[("file", name)] = _Fault("drop", times, at)
+
+    def fail(self, name: str, *, status: int = 503, times: int | None = 1) -> None:
+        """Answer the next ``times`` GETs of ``name`` with HTTP ``status`` instead of the file."""
+        with self._lock:
+            self._faults[("file", name)] = _Fault("status", times, 0.0, status)
 
     def file_url(self, name: str) -> str:
         return f"{self.url}/{name}"

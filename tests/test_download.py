@@ -314,6 +314,35 @@ def test_http_resume_across_runs(tmp_path):
         assert srv.requests[-1][2]["range"] == "bytes=1000000-"
 
 
+def test_http_retries_server_errors(tmp_path, caplog):
+    data = os.urandom(10_000)
+    with FileServer({"w.bin": data, "x.bin": data}) as srv:
+        srv.fail("w.bin", status=503, times=2)
+        with caplog.at_level(logging.WARNING, logger="pipeline_lib.download"):
+            res = download(srv.file_url("w.bin"), out=tmp_path / "a", backoff=0.01)
+        assert res.files[0].path.read_bytes() == data
+        assert caplog.text.count("HTTP 503") == 2 and "retrying in 0.0" in caplog.text
+        srv.fail("x.bin", status=403, times=1)  # not transient: no retry
+        with pytest.raises(DownloadError, match="answered HTTP 403"):
+            download(srv.file_url("x.bin"), out=tmp_path / "b")
+        assert len([r for r in srv.requests if r[1] == "/x.bin"]) == 1
+
+
+def test_http_cache_reused_only_while_current(tmp_path):
+    data = os.urandom(10_000)
+    with FileServer({"w.bin": data}) as srv:
+        download(srv.file_url("w.bin"), out=tmp_path / "a")
+        n = len(srv.requests)
+        res = download(srv.file_url("w.bin"), out=tmp_path / "b")
+        assert [r[0] for r in srv.requests[n:]] == ["HEAD"] and res.files[0].path.read_bytes() == data
+        srv.files["w.bin"] = b"new upstream content"
+        res = download(srv.file_url("w.bin"), out=tmp_path / "c")
+        assert res.files[0].path.read_bytes() == b"new upstream content"
+        n = len(srv.requests)
+        download(srv.file_url("w.bin"), out=tmp_path / "d", expected={"w.bin": sha(b"new upstream content")})
+        assert srv.requests[n:] == []  # matches the reference digest: no network at all
+
+
 def test_http_corruption(tmp_path):
     data = os.urandom(100_000)
     with FileServer({"w.bin": data}) as srv:
@@ -322,9 +351,9 @@ def test_http_corruption(tmp_path):
         assert res.files[0].path.read_bytes() == data
         srv.corrupt("w.bin", times=None)
         with pytest.raises(IntegrityError) as err:
-            download(srv.file_url("w.bin?token=abc"), out=tmp_path / "b", expected={"w.bin": sha(data)})
+            download(srv.file_url("w.bin?token=zzzsecret"), out=tmp_path / "b", expected={"w.bin": sha(data)})
         print(err.value)
-        assert "corrupt after 2 downloads" in str(err.value) and "abc" not in str(err.value)
+        assert "corrupt after 2 downloads" in str(err.value) and "zzzsecret" not in str(err.value)
         assert not (tmp_path / "b" / "w.bin").exists()
 
 

@@ -184,3 +184,64 @@ def gguf_fields(path: Path) -> dict[str, object]:
         v = f.contents()
         out[k] = ([t.name for t in f.types], v)
     return out
+
+
+# ------------------------------------------------------------------ tiny models and llama.cpp helpers
+
+
+@dataclass(frozen=True)
+class GgufModels:
+    base: Path  # LLaMA tokenizer (vocab 400), .bin shards with inv_freq buffers
+    alpaca: Path  # merged Chinese-Alpaca tokenizer ([PAD] inside tokenizer.model), safetensors
+    added: Path  # Chinese-LLaMA tokenizer.model + added_tokens.json {"[PAD]": n} (the 2023 release's layout)
+    gqa: Path  # 2 kv heads for 4 heads: k is permuted with the kv head count
+    legacy: Path  # ffn 768 = ceil(8*256/3 / 256) * 256: expressible in ggjt v3 (n_mult 256)
+    merged: Path  # base + LLaMA-Plus LoRA + Alpaca-Plus LoRA, merged to an HF folder by `merge`
+    release: object
+
+
+@pytest.fixture(scope="session")
+def gguf_models(tiny_release, tmp_path_factory) -> GgufModels:
+    from dataclasses import replace
+
+    from pipeline_lib import synthetic
+    from pipeline_lib.merge import merge
+
+    root = tmp_path_factory.mktemp("gguf-models")
+    rel = tiny_release
+    toks = rel.tokenizers
+    cfg = replace(rel.config, vocab_size=rel.alpaca_vocab)
+    alpaca = synthetic.save_hf_base(synthetic.random_weights(cfg, seed=11), cfg, root / "alpaca",
+                                    tokenizer_dir=toks.chinese_alpaca_dir, shards=2, safetensors=True)
+    cfg_added = replace(rel.config, vocab_size=rel.llama_vocab + 1)
+    added = synthetic.save_hf_base(synthetic.random_weights(cfg_added, seed=12), cfg_added, root / "added",
+                                   tokenizer_dir=toks.chinese_llama_dir, shards=1)
+    (added / "added_tokens.json").write_text(json.dumps({"[PAD]": rel.llama_vocab}))
+    cfg_gqa = replace(rel.config, num_key_value_heads=2)
+    gqa = synthetic.save_hf_base(synthetic.random_weights(cfg_gqa, seed=13), cfg_gqa, root / "gqa",
+                                 tokenizer_dir=toks.llama_model.parent, shards=1)
+    cfg_legacy = replace(rel.config, vocab_size=rel.alpaca_vocab, intermediate_size=768)
+    legacy = synthetic.save_hf_base(synthetic.random_weights(cfg_legacy, seed=14), cfg_legacy, root / "legacy",
+                                    tokenizer_dir=toks.chinese_alpaca_dir, shards=1)
+    merged = merge(rel.base_hf, [rel.llama_lora, rel.alpaca_lora], out=root / "merged").out
+    return GgufModels(base=rel.base_hf, alpaca=alpaca, added=added, gqa=gqa, legacy=legacy, merged=merged,
+                      release=rel)
+
+
+def llama_logits(model: Path, tokens: list[int]):
+    """Logits of every position, from llama.cpp (llama-cpp-python), one thread for determinism."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(str(model), n_ctx=64, logits_all=True, verbose=False, n_threads=1, n_batch=64)
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def gguf_name(path: Path) -> str:
+    import gguf
+
+    return gguf.GGUFReader(path).fields["general.name"].contents()

@@ -214,6 +214,14 @@ def _refs_for(relpath: str, refs: dict[str, list[tuple[str, str]]]) -> list[tupl
     return []
 
 
+def _warn_unused(expected: Mapping[str, str] | None, relpaths: Sequence[str]) -> None:
+    """A reference digest naming no fetched file is most likely a typo: say so."""
+    names = set(relpaths) | {posixpath.basename(r) for r in relpaths}
+    unused = sorted(k for k in (expected or {}) if k not in names)
+    if unused:
+        log.warning("expected sha256 given for %s, but no such file is being fetched", ", ".join(unused))
+
+
 def _catalog_expected(repo: str) -> dict[str, str]:
     try:
         from . import catalog
@@ -462,6 +470,7 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
         raise InputError(f"no file of {repo}@{commit[:12]} matches --include {include}",
                          expected=f"a glob matching some of: {names}", fix="fix the --include globs")
     refs = _merge_refs(expected, _catalog_expected(repo))
+    _warn_unused(expected, [f.path for f in files])
     for f in files:
         for label, digest in _refs_for(f.path, refs):
             if f.lfs_sha256 and f.lfs_sha256 != digest:
@@ -611,6 +620,7 @@ def _download_local(src: Source, *, out: Path, include, expected, on_file) -> Do
     if not pairs:
         raise InputError(f"no file in {root} matches --include {include}", fix="fix the path or the globs")
     refs = _merge_refs(expected, None)
+    _warn_unused(expected, [rel for rel, _ in pairs])
     digests = _sha256_many([p for _, p in pairs])
     verified = {rel: _verify_local(rel, p, digests[p], refs) for rel, p in pairs}  # all checked first
     same = root.is_dir() and out.exists() and os.path.samefile(root, out)
@@ -654,6 +664,7 @@ def _from_archive(src: Source, archive: Path, *, out: Path, include, expected, o
         files = [p for p in res.files if p.is_file() and not p.is_symlink()]
         digests = _sha256_many(files)
         rels = {p: p.relative_to(staging).as_posix() for p in files}
+        _warn_unused({k: v for k, v in (expected or {}).items() if k != archive.name}, list(rels.values()))
         verified = {p: _verify_local(rels[p], p, digests[p], refs) for p in files}
         out.mkdir(parents=True, exist_ok=True)
         clash = sorted(e.name for e in staging.iterdir() if (out / e.name).exists())

@@ -134,14 +134,36 @@ def load_mmap(path: Path) -> tuple[dict, bool]:
     return obj, use_mmap
 
 
-def copy_out(t: torch.Tensor, *, mapped: bool) -> torch.Tensor:
-    """An owned copy of a tensor; if it views a file mapping, the mapped pages are dropped afterwards.
+COPY_CHUNK = 32 * 1024 * 1024  # bytes copied between page drops
 
-    Never drop pages of anonymous memory (``mapped=False``): MADV_DONTNEED would zero them.
+
+def _drop_range(ptr: int, nbytes: int) -> None:
+    lo = (ptr + _PAGE - 1) // _PAGE * _PAGE  # whole pages only
+    hi = (ptr + nbytes) // _PAGE * _PAGE
+    if _madvise is not None and hi > lo:
+        _madvise(lo, hi - lo, _MADV_DONTNEED)
+
+
+def copy_out(t: torch.Tensor, *, mapped: bool) -> torch.Tensor:
+    """An owned copy of a tensor; if it views a file mapping, the mapped pages are dropped as it is copied.
+
+    The copy goes in chunks, dropping each chunk's pages right after, so a large tensor is never resident
+    twice (mapped and copied). Never drop pages of anonymous memory (``mapped=False``): MADV_DONTNEED
+    would zero them.
     """
-    out = t.clone()
-    if mapped:
-        drop_pages(t)
+    if not mapped or not t.is_contiguous():
+        out = t.clone()
+        if mapped:
+            drop_pages(t)
+        return out
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    src, dst = t.reshape(-1), out.view(-1)
+    step = max(COPY_CHUNK // max(t.element_size(), 1), 1)
+    for i in range(0, src.numel(), step):
+        piece = src[i:i + step]
+        dst[i:i + step].copy_(piece)
+        _drop_range(piece.data_ptr(), piece.numel() * piece.element_size())
+    drop_pages(t)  # the partial pages at the edges
     return out
 
 

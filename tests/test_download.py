@@ -249,8 +249,9 @@ def test_gated_repo_token_never_leaks(files, tmp_path, monkeypatch, caplog):
         assert "is gated" in str(err.value)
         print(err.value)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
-        with caplog.at_level(logging.DEBUG):
+        with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="huggingface_hub"):
             res = download("tester/gated", out=tmp_path / "out")
+        assert "huggingface_hub" in caplog.text  # the client's own debug log is captured too
         assert len(res.files) == len(files)
         assert any(r[2].get("authorization") == f"Bearer {TOKEN}" for r in h.requests)
         for text in (caplog.text, res.lock_json(), repr(res), str(err.value)):
@@ -264,7 +265,7 @@ def test_cli_subprocess(files, tmp_path):
     """The command line, in a fresh process with HF_ENDPOINT/HF_TOKEN from the environment."""
     with FakeHub({"tester/gated": files}, gated={"tester/gated": TOKEN}) as h:
         env = dict(os.environ, HF_ENDPOINT=h.url, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"),
-                   ZHLLAMA_PROGRESS="0")
+                   ZHLLAMA_PROGRESS="0", HF_HUB_VERBOSITY="debug")
         lock = tmp_path / "lock.json"
         cmd = [sys.executable, "-m", "pipeline_lib.cli", "-vv", "download", "hf://tester/gated",
                "--out", str(tmp_path / "out"), "--include", "*.bin", "--include", "*.json", "--lock", str(lock)]

@@ -740,10 +740,10 @@ def render_plot(report: Report, path: Path) -> None:
     sizes = [v.model.file_size / 1e6 for v in vs]
     panels = [
         (axes[0], [v.perplexity.ppl for v in vs], [v.perplexity.ppl_uncertainty for v in vs],
-         "perplexity (lower is better)", "Perplexity vs file size"),
+         "perplexity", "Perplexity vs file size (lower is better)"),
         (axes[1], [0.0 if v.is_reference else (v.kl.mean_kld if v.kl else float("nan")) for v in vs],
          [0.0 if v.is_reference else (v.kl.kld_uncertainty if v.kl else 0.0) for v in vs],
-         "mean KL divergence vs reference (nats, lower is better)", "KL divergence vs file size"),
+         "mean KL divergence from the reference (nats)", "KL divergence vs file size (lower is better)"),
     ]
     colors = matplotlib.colormaps["tab10"]
     for ax, ys, errs, ylabel, subtitle in panels:
@@ -751,13 +751,15 @@ def render_plot(report: Report, path: Path) -> None:
             if math.isnan(y):
                 continue
             ax.errorbar([x], [y], yerr=[e] if e else None, fmt="o", ms=8, color=colors(i % 10), capsize=3)
-            label = f"{v.name}, {v.model.bits_per_weight:.1f} bpw" + (" (reference)" if v.is_reference else "")
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(7, 6), fontsize=10)
+            label = f"{v.name}{' (ref)' if v.is_reference else ''}\n{v.model.bits_per_weight:.1f} bpw"
+            # alternate above/below so neighbouring points' labels do not collide
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(8, 6 if i % 2 == 0 else -26),
+                        fontsize=9, color=colors(i % 10))
         ax.set_xlabel("file size (MB)")
         ax.set_ylabel(ylabel)
         ax.set_title(subtitle, fontsize=11)
         ax.grid(True, alpha=0.3)
-        ax.margins(x=0.25, y=0.25)
+        ax.margins(x=0.3, y=0.3)
     if report.reference is None:
         axes[1].text(0.5, 0.5, "no reference given\n(pass --reference f16.gguf)", transform=axes[1].transAxes,
                      ha="center", va="center", fontsize=11, color="gray")

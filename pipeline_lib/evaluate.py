@@ -706,10 +706,13 @@ def evaluate_variants(
 
 
 def evaluate(model_gguf: str | Path, *, out: str | Path, reference: str | Path | None = None,
-             name: str | None = None, **kwargs) -> Report:
-    """Evaluate one GGUF (against ``reference`` when given); see ``evaluate_variants`` for the options."""
+             text: str | Path | None = None, prompts: str | Path | None | bool = None, template: str | None = None,
+             n_ctx: int = DEFAULT_N_CTX, name: str | None = None, **kwargs) -> Report:
+    """Evaluate one GGUF (against ``reference`` when given) into ``out``; ``name`` defaults to its file type
+    ("q4_0"). See ``evaluate_variants`` for the other options."""
     facts = model_facts(model_gguf)
-    return evaluate_variants({name or variant_name(facts): model_gguf}, reference=reference, out=out, **kwargs)
+    return evaluate_variants({name or variant_name(facts): model_gguf}, reference=reference, out=out, text=text,
+                             prompts=prompts, template=template, n_ctx=n_ctx, **kwargs)
 
 
 def _default_title(results: Sequence[VariantReport]) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-HELP_LINE = "Type a message and press Enter. /reset clears the history, /exit (or Ctrl-D) quits."
+HELP_LINE = ("Type a message and press Enter. Ctrl-C stops a reply; /reset clears the history; "
+             "/exit or Ctrl-D quits.")
 
 
 def _common(p, *, temp: float, top_k: int, top_p: float, repeat_penalty: float, max_tokens: int) -> None:
@@ -88,4 +89,7 @@ def run_chat(args) -> int:
             session.reset()
             print("(history cleared)", flush=True)
             continue
-        _stream(session, text, args.show_prompt)
+        try:
+            _stream(session, text, args.show_prompt)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (as llama.cpp -ins did)
+            print("\n(reply interrupted; not kept in the history)", flush=True)

@@ -170,11 +170,30 @@ class Report:
     def variant(self, name: str) -> VariantReport:
         return next(v for v in self.variants if v.name == name)
 
+    def table(self) -> list[dict]:
+        """One flat row per variant (name, size, bpw, PPL, KL, agreement, speed): for a Prefect table
+        artifact or a DataFrame."""
+        rows = []
+        for v in self.variants:
+            p, k, sp = v.perplexity, v.kl, v.speed
+            rows.append({
+                "variant": v.name, "reference": v.is_reference, "file_bytes": v.model.file_size,
+                "bits_per_weight": round(v.model.bits_per_weight, 3),
+                "ppl": p.ppl if p else None, "ppl_uncertainty": p.ppl_uncertainty if p else None,
+                "ppl_ratio": 1.0 if v.is_reference else (k.ppl_ratio if k else None),
+                "mean_kld": 0.0 if v.is_reference else (k.mean_kld if k else None),
+                "top1_agreement": 1.0 if v.is_reference else (k.same_top if k else None),
+                "prompt_tok_s": sp.prompt_tokens_per_s if sp else None,
+                "gen_tok_s": sp.gen_tokens_per_s if sp else None,
+            })
+        return rows
+
     def to_dict(self) -> dict:
         d = asdict(self)
         for k in ("out", "json_path", "md_path", "plot_path"):
             d[k] = str(d[k])
         d["version"] = REPORT_VERSION
+        d["table"] = self.table()
         return d
 
 

@@ -129,6 +129,8 @@ def test_report_files(quant_report):
     assert [v["name"] for v in data["variants"]] == ["f16", "q8_0", "q4_0"]
     assert data["settings"]["n_ctx"] == N_CTX
     assert data["variants"][2]["kl"]["mean_kld"] == pytest.approx(quant_report.variant("q4_0").kl.mean_kld)
+    assert [r["variant"] for r in data["table"]] == ["f16", "q8_0", "q4_0"]
+    assert data["table"][0]["mean_kld"] == 0.0 and data["table"][2]["mean_kld"] > 0
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "| q4_0 |" in md and "top-1 agreement" in md and "report.png" in md
     png = (out / "report.png").read_bytes()

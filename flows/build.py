@@ -97,7 +97,7 @@ def build_model(spec: BuildSpec) -> dict[str, Any]:
                            "cached": state == "Cached" or entry.cached, "key": entry.key[:12]})
     lock = build.build_lock(plan, downloads, fingerprints)
     published = stages.publish(publishable, str(plan.out_dir), lock)
-    stages.post_artifacts(plan.display, verified, tok, report, stage_rows)
+    stages.post_artifacts(plan.name, plan.display, verified, tok, report, stage_rows)
     hits = sum(r["cached"] for r in stage_rows)
     logger.info("%s: %d/%d stages cached; outputs in %s", plan.name, hits, len(stage_rows), plan.out_dir)
     return {"model": plan.name, "out_dir": str(plan.out_dir), "published": published, "stages": stage_rows}

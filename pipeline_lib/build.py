@@ -582,35 +582,52 @@ def _from_dict(cls: Any, data: Any) -> Any:
 # ------------------------------------------------------------------ publishing
 
 
-def publish(entries: Mapping[str, Entry], out_dir: Path, *, lock: Mapping[str, Any] | None = None) -> list[Path]:
-    """Copy (hard-link when possible) the finished outputs into ``out_dir``, atomically per file.
+def publish_entry(entry: Entry, out_dir: Path, name: str) -> Path:
+    """Copy one finished output into ``out_dir`` under ``name``, atomically; return its path.
 
-    ``entries``: name in out_dir -> entry; a file output is published under that name, a folder
-    output (HF/pth checkpoint, report) as a folder. Returns the published paths. ``lock`` is
-    written as ``build-lock.json`` (sources, commits, digests: what this build used).
+    A single-file entry becomes the file ``name``; for a name ending in ``/`` the entry becomes a
+    folder (only its sub-folder of that name when it has one: ``tokenizer/``, ``hf/``, ``pth/``).
     """
     from .fsutil import atomic_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    done: list[Path] = []
-    for name, entry in entries.items():
+    files = list(entry.outputs)
+    if len(files) == 1 and not name.endswith("/"):
         target = out_dir / name
-        files = [rel for rel in entry.outputs]
-        if len(files) == 1 and not name.endswith("/"):
-            with atomic_path(target) as tmp:
-                tmp.unlink()
-                _link_or_copy(entry.path / files[0], tmp)
-            done.append(target)
-            continue
-        target = out_dir / name.rstrip("/")
-        with atomic_dir(target, replace=True) as tmp:
-            for rel in files:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(entry.path / rel, tmp / rel)
-        done.append(target)
-    if lock is not None:
-        write_text_atomic(out_dir / "build-lock.json", json.dumps(lock, indent=2, ensure_ascii=False) + "\n")
-        done.append(out_dir / "build-lock.json")
+        with atomic_path(target) as tmp:
+            tmp.unlink()
+            _link_or_copy(entry.path / files[0], tmp)
+        return target
+    target = out_dir / name.rstrip("/")
+    prefix = name if any(rel.startswith(name) for rel in files) else ""
+    with atomic_dir(target, replace=True) as tmp:
+        for rel in files:
+            if not rel.startswith(prefix):
+                continue
+            dest = tmp / rel[len(prefix):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(entry.path / rel, dest)
+    return target
+
+
+def write_build_lock(out_dir: Path, lock: Mapping[str, Any]) -> Path:
+    """``build-lock.json``: sources, commits and digests — exactly what this build used."""
+    path = out_dir / "build-lock.json"
+    write_text_atomic(path, json.dumps(lock, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def publish(entries: Mapping[str, Entry], out_dir: Path, *, lock: Mapping[str, Any] | None = None) -> list[Path]:
+    """Publish every entry (``publish_entry``) and the lock file; on any failure remove what this call wrote."""
+    done: list[Path] = []
+    try:
+        for name, entry in entries.items():
+            done.append(publish_entry(entry, out_dir, name))
+        if lock is not None:
+            done.append(write_build_lock(out_dir, lock))
+    except BaseException:
+        unpublish(done)
+        raise
     return done
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
-from prefect.filesystems import LocalFileSystem
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import IsolationLevel
 
@@ -102,5 +101,5 @@ def cache_options(store_root: str | Path) -> dict[str, Any]:
     return {
         "cache_policy": policy,
         "persist_result": True,
-        "result_storage": LocalFileSystem(basepath=str(records)),
+        "result_storage": records,  # a Path: a local file system block, no server-side block needed
     }

@@ -12,16 +12,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.transactions import get_transaction
+from prefect.cache_policies import NO_CACHE
+from prefect.transactions import get_transaction, transaction
 
 from pipeline_lib import build
-from pipeline_lib.fsutil import TMP_PREFIX
 from pipeline_lib.store import Entry, Store
 
 from ._cache import BUILDERS, refresh
@@ -62,32 +61,17 @@ def _progress_done(artifact_id: Any, label: str) -> None:
 
 
 def _run(task_name: str, store_root: str, heavy: bool = False, **kwargs: Any) -> Entry:
-    """Build the request, record its key for the rollback hook, produce it (or hit the store)."""
+    """Build the request and produce it (or hit the store). A failure leaves nothing: the store
+    produces into a temporary folder that is removed on any exception."""
     store = Store(store_root)
     args = {k: refresh(store, v) for k, v in kwargs.items()}
     request = BUILDERS[task_name](**args)
-    txn = get_transaction()
-    if txn is not None:
-        txn.set("store_root", str(store_root))
-        txn.set("store_key", request.key())
     artifact_id = _progress(request.label) if heavy else None
     with memory_slot(heavy):
         entry = build.run_stage(store, request)
     _progress_done(artifact_id, request.label)
     log.info("%s: %s %s", request.label, "cache hit" if entry.cached else "produced", entry.key[:12])
     return entry
-
-
-def remove_partial(txn) -> None:
-    """Rollback hook: a failed stage leaves nothing of this key behind (the store cleans up too)."""
-    try:
-        root, key = txn.get("store_root"), txn.get("store_key")
-    except ValueError:  # failed before the request was built: nothing was written
-        return
-    for leftover in (Path(root) / "artifacts").glob(f"{TMP_PREFIX}{key}.*"):
-        lock = Store(root).lock(key, timeout=0)
-        with contextlib.suppress(TimeoutError), lock:  # not being produced by someone else right now
-            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _stage_task(name: str, *, heavy: bool = False, retries: int = 0, builder):
@@ -97,7 +81,6 @@ def _stage_task(name: str, *, heavy: bool = False, retries: int = 0, builder):
     def decorate(fn):
         t = task(name=name, retries=retries, retry_delay_seconds=[2, 10, 30][:retries] or 0,
                  tags=["zhllama", f"stage:{name}"] + (["memory-heavy"] if heavy else []))(fn)
-        t.on_rollback(remove_partial)
         return t
 
     return decorate
@@ -168,29 +151,43 @@ def report(store_root: str, evaluations: dict[str, Entry], title: str) -> Entry:
 # ------------------------------------------------------------------ publishing (never cached)
 
 
-@task(name="publish", tags=["zhllama"])
-def publish(entries: dict[str, Entry], out_dir: str, lock: dict[str, Any]) -> list[str]:
-    """Copy the outputs into the build folder; on failure, the rollback hook removes them again."""
+@task(name="publish", tags=["zhllama"], cache_policy=NO_CACHE, persist_result=False)
+def publish_one(entry: Entry, out_dir: str, name: str) -> str:
+    """Copy one output into the build folder. Undone by the rollback hook if the publish transaction fails."""
+    path = build.publish_entry(entry, Path(out_dir), name)
     txn = get_transaction()
-    paths = build.publish(entries, Path(out_dir), lock=lock)
     if txn is not None:
-        txn.set("published", [str(p) for p in paths])
-    return [str(p) for p in paths]
+        txn.set("published", str(path))
+    return str(path)
 
 
-@publish.on_rollback
+@publish_one.on_rollback
 def _unpublish(txn) -> None:
     with contextlib.suppress(ValueError):
-        build.unpublish([Path(p) for p in txn.get("published")])
+        build.unpublish([Path(txn.get("published"))])
+
+
+@task(name="build-lock", tags=["zhllama"], cache_policy=NO_CACHE, persist_result=False)
+def write_lock(out_dir: str, lock: dict[str, Any]) -> str:
+    return str(build.write_build_lock(Path(out_dir), lock))
+
+
+def publish(entries: dict[str, Entry], out_dir: str, lock: dict[str, Any]) -> list[str]:
+    """Publish every output in one transaction: all land, or (on any failure) none of this run's remain."""
+    with transaction():
+        paths = [publish_one(entry, out_dir, name) for name, entry in entries.items()]
+        paths.append(write_lock(out_dir, lock))
+    return paths
 
 
 @task(name="report-artifacts", tags=["zhllama"])
-def post_artifacts(name: str, verified: Entry | None, tokenizer: Entry | None, report: Entry | None,
+def post_artifacts(name: str, display: str, verified: Entry | None, tokenizer: Entry | None, report: Entry | None,
                    stages: list[dict[str, Any]]) -> None:
     """Table/markdown artifacts: verification results, tokenizer check, stage cache table, evaluation report."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    name = display
     create_table_artifact(key=f"{slug}-stages", table=stages, description=f"{name}: stages (cached or computed)")
     if verified is not None:
         rows = json.loads((verified.path / "verify.json").read_text(encoding="utf-8"))["files"]

@@ -1,0 +1,207 @@
+"""The build flow in-process on the demo model, against one real Prefect server for the session.
+
+Covers: BuildSpec validation, deployments file in sync with the catalog, the demo build through
+Prefect (artifacts, published files), a rerun that is all cache hits (and the sequential runner
+agreeing on every key), an altered or deleted cached output being recomputed rather than
+trusted, and a stage failing mid-way leaving no partial files (store and output folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from _prefect_fixtures import prefect_server  # noqa: F401  (session fixture)
+from pydantic import ValidationError
+
+from pipeline_lib import build, demo
+from pipeline_lib.buildspec import QUANT_TYPES, BuildSpec
+from pipeline_lib.fsutil import TMP_PREFIX
+from pipeline_lib.store import Store
+
+pytestmark = pytest.mark.slow
+
+
+# ------------------------------------------------------------------ spec and deployments (no server)
+
+
+def test_buildspec_rejects_bad_values_with_clear_messages():
+    with pytest.raises(ValidationError, match="unknown model 'alpaca-plsu-7b'"):
+        BuildSpec(model="alpaca-plsu-7b")
+    with pytest.raises(ValidationError, match="unknown quantization type 'q4_9'"):
+        BuildSpec(model="alpaca-plus-7b", quant_types=["q4_9"])
+    with pytest.raises(ValidationError, match="outputs"):
+        BuildSpec(model="alpaca-plus-7b", outputs=["safetensors"])
+    with pytest.raises(ValidationError, match="64 hex digits"):
+        BuildSpec(model="x", base={"source": "a/b", "sha256": {"f.bin": "abc"}}, loras=[{"source": "c/d"}])
+    with pytest.raises(ValidationError, match="extra"):
+        BuildSpec(model="alpaca-plus-7b", quantize=["q4_0"])
+    spec = BuildSpec(model="alpaca-plus-7b", quant_types=["Q4_K_M", "q4_k_m"])
+    assert spec.quant_types == ["q4_K_M"] and spec.one_pass
+
+
+def test_quant_types_agree_with_llama_cpp_table():
+    from pipeline_lib.quantize import QUANT_TYPES as LIB_TYPES
+
+    assert tuple(LIB_TYPES) == QUANT_TYPES
+
+
+def test_flow_parameters_render_as_a_form():
+    from flows.build import build_model
+
+    schema = build_model.parameters.model_dump()
+    spec_ref = schema["properties"]["spec"]
+    assert "spec" in schema["required"]
+    definitions = schema.get("definitions") or schema.get("$defs")
+    assert "BuildSpec" in json.dumps(spec_ref) and "quant_types" in definitions["BuildSpec"]["properties"]
+    assert definitions["BuildSpec"]["properties"]["outputs"]["items"]["enum"] == ["hf", "pth", "gguf", "ggml"]
+
+
+def test_deployments_yaml_is_in_sync_with_the_catalog():
+    import yaml
+
+    from flows import deployments
+    from pipeline_lib import catalog
+
+    assert deployments.PREFECT_YAML.read_text(encoding="utf-8") == deployments.render(), \
+        "deployments/prefect.yaml is stale: run `python -m flows.deployments`"
+    doc = yaml.safe_load(deployments.PREFECT_YAML.read_text(encoding="utf-8"))
+    names = {d["name"]: d for d in doc["deployments"]}
+    for m in catalog.MODELS.values():
+        d = names[f"build-{m.name}"]
+        assert d["parameters"] == {"spec": {"model": m.name}}
+        BuildSpec.model_validate(d["parameters"]["spec"])  # every deployment's parameters are a valid spec
+        assert d["schedules"][0]["cron"] and d["work_pool"]["name"] == "zhllama-process"
+        assert d["triggers"][0]["match"]["prefect.resource.id"] == f"zhllama.model.{m.name}"
+    assert "build-alpaca-plus-7b" in names and "build-llama-plus-13b" in names and "build-tiny-demo" in names
+    assert names["check-upstream"]["entrypoint"] == "flows/upstream.py:check_upstream"
+
+
+def test_run_shorthand_names_the_deployment_like_prefect():
+    from pipeline_lib.commands.flow import deployment_name
+
+    assert deployment_name("build-alpaca-plus-7b") == "build-model/build-alpaca-plus-7b"
+    assert deployment_name("alpaca-plus-7b") == "build-model/build-alpaca-plus-7b"
+    assert deployment_name("check-upstream") == "check-upstream/check-upstream"
+    assert deployment_name("build-model/build-tiny-demo") == "build-model/build-tiny-demo"
+
+
+# ------------------------------------------------------------------ the flow on the demo model
+
+
+def _store_leftovers(root: Path) -> list[Path]:
+    arts = root / "artifacts"
+    return sorted(p for p in arts.iterdir() if p.name.startswith(TMP_PREFIX)) if arts.is_dir() else []
+
+
+def test_demo_flow_then_all_cache_hits_and_damage_is_rebuilt(prefect_server, tmp_path):  # noqa: F811
+    from prefect.client.orchestration import get_client
+
+    from flows.build import build_model
+
+    out = tmp_path / "out"
+    spec = demo.demo_spec(out_dir=str(out))
+    first = build_model(spec, return_state=True)
+    assert first.is_completed(), first.message
+    r1 = first.result()
+    labels = [s["label"] for s in r1["stages"]]
+    assert labels[:4] == ["download base", "download lora-0", "download lora-1", "download chinese_sp"]
+    assert {"verify", "tokenizer", "gguf f16", "quantize q4_0", "quantize q8_0", "evaluate q4_0", "report"} <= set(labels)
+    assert not any(s["cached"] for s in r1["stages"])
+    for name in ("tiny-demo-f16.gguf", "tiny-demo-q4_0.gguf", "tiny-demo-q8_0.gguf", "build-lock.json",
+                 "report/report.md", "report/report.png", "tokenizer/tokenizer.model"):
+        assert (out / name).is_file(), name
+    assert (out / "tiny-demo-q4_0.gguf").read_bytes()[:4] == b"GGUF"
+    lock = json.loads((out / "build-lock.json").read_text())
+    assert [s["role"] for s in lock["sources"]] == ["base", "lora-0", "lora-1", "chinese_sp"]
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts() if a.flow_run_id == first.state_details.flow_run_id}
+    assert {"tiny-demo-stages", "tiny-demo-verify", "tiny-demo-tokenizer", "tiny-demo-report"} <= keys
+
+    # second run: every stage is a Prefect cache hit
+    r2 = build_model(spec)
+    assert [s["state"] for s in r2["stages"]] == ["Cached"] * len(labels), r2["stages"]
+    # the sequential runner computes the very same keys: all store hits
+    seq = build.run_build(spec)
+    assert seq.all_cached and [s.key[:12] for s in seq.stages] == [s["key"] for s in r2["stages"]]
+
+    # an altered output is never trusted: quantize q4_0 runs again (and restores the entry)
+    store = Store()
+    q4 = next(s for s in r2["stages"] if s["label"] == "quantize q4_0")
+    entry = next(e for e in store.entries() if e.key.startswith(q4["key"]))
+    victim = entry.path / "tiny-demo-q4_0.gguf"
+    good = victim.read_bytes()
+    victim.chmod(0o644)
+    victim.write_bytes(good[:-10] + b"x" * 10)
+    # a deleted output folder is never trusted either
+    q8 = next(s for s in r2["stages"] if s["label"] == "quantize q8_0")
+    q8_entry = next(e for e in store.entries() if e.key.startswith(q8["key"]))
+    from pipeline_lib.store import _rmtree
+
+    _rmtree(q8_entry.path)
+    r3 = build_model(spec)
+    states = {s["label"]: s["state"] for s in r3["stages"]}
+    assert states["quantize q4_0"] == "Completed" and states["quantize q8_0"] == "Completed", states
+    assert states["gguf f16"] == "Cached" and states["evaluate q4_0"] == "Cached"
+    assert victim.read_bytes() == good
+    assert store.get(q8_entry.key) is not None
+    assert not _store_leftovers(store.root)
+
+
+def test_failing_stage_leaves_no_partial_files(prefect_server, tmp_path, monkeypatch):  # noqa: F811
+    import pipeline_lib.quantize as quantize_mod
+    from flows.build import build_model
+
+    def broken_quantize(gguf_path, *, qtypes, out_dir, **kwargs):
+        out = Path(out_dir) / f"half-{qtypes[0]}.gguf"
+        out.write_bytes(b"GGUF" + b"\0" * 1000)  # a partial output, then the crash
+        raise RuntimeError("simulated crash half-way through quantization")
+
+    monkeypatch.setattr(quantize_mod, "quantize", broken_quantize)
+    out = tmp_path / "out"
+    spec = demo.demo_spec(out_dir=str(out), evaluation=False)
+    state = build_model(spec, return_state=True)
+    assert state.is_failed()
+    store = Store()
+    assert not _store_leftovers(store.root), "a failed stage left a temporary folder in the store"
+    stages = {e.stage for e in store.entries()}
+    assert "quantize" not in stages and {"download", "verify", "tokenizer", "gguf"} <= stages
+    assert not list(store.root.rglob("half-*.gguf"))
+    assert not out.exists() or not any(out.iterdir()), "nothing is published from a failed build"
+
+
+def test_failed_publish_is_rolled_back(prefect_server, tmp_path, monkeypatch):  # noqa: F811
+    from prefect import flow
+
+    from tasks import stages
+
+    store = Store()
+    entries = {}
+    for i in range(3):
+        def produce(tmp, i=i):
+            (tmp / f"file{i}.bin").write_bytes(os.urandom(100))
+
+        entries[f"out{i}.bin"] = store.get_or_produce("report", version="t", inputs={"i": str(i)}, produce=produce)
+    calls = {"n": 0}
+    real = build._link_or_copy
+
+    def flaky(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full (simulated)")
+        real(src, dst)
+
+    monkeypatch.setattr(build, "_link_or_copy", flaky)
+
+    @flow
+    def publish_only(out_dir: str):
+        return stages.publish(entries, out_dir, {"x": 1})  # one transaction: rolled back as a whole
+
+    out = tmp_path / "published"
+    state = publish_only(str(out), return_state=True)
+    assert state.is_failed()
+    assert calls["n"] == 3
+    assert not [p for p in out.rglob("*") if p.is_file()], "the files published before the failure were removed"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise InputError(f"output dtype {dtype!r} is not supported", expected=", ".join(DTYPE_BY_NAME))
 
 
-@dataclass
+@dataclass(frozen=True)
 class MergePlan:
     """A checked merge, not yet executed. Implements TensorSource: ``iter_tensors()`` merges."""
 
@@ -252,10 +253,28 @@ def _merged_tensor(plan: MergePlan, step: TensorStep) -> torch.Tensor:
     return w.to(plan.dtype)
 
 
-def iter_merged(plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
-    """The merged tensors in write order, one at a time (HF names and layout, ``plan.dtype``)."""
-    for step in plan.steps.values():
-        yield step.name, _merged_tensor(plan, step)
+def iter_merged(plan: MergePlan, *, prefetch: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """The merged tensors in write order, one at a time (HF names and layout, ``plan.dtype``).
+
+    With ``prefetch`` the next tensor is read and merged in a background thread while the consumer
+    writes the current one (torch and file I/O release the GIL), so at most two tensors are alive.
+    """
+    steps = list(plan.steps.values())
+    if not prefetch or len(steps) < 2:
+        for step in steps:
+            yield step.name, _merged_tensor(plan, step)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhllama-merge") as pool:
+        pending = pool.submit(_merged_tensor, plan, steps[0])
+        try:
+            for i, step in enumerate(steps):
+                tensor = pending.result()
+                pending = pool.submit(_merged_tensor, plan, steps[i + 1]) if i + 1 < len(steps) else None
+                yield step.name, tensor
+                del tensor
+        finally:  # consumer stopped early or failed: do not leave work running
+            if pending is not None:
+                pending.cancel()
 
 
 # ------------------------------------------------------------------ merge to disk

@@ -210,8 +210,10 @@ def report(results: dict, tools: list[str], sizes: list[int]) -> str:
         m_full = b["rss_mb"] + (FULL_LAYERS - hi) * m_layer
         rt = b["wall_s"] / ours["wall_s"] if ours.get("ok") else float("nan")
         rm = b["rss_mb"] / ours["rss_mb"] if ours.get("ok") else float("nan")
+        # on a busy machine the difference of two wall times can be below zero: say so, don't extrapolate it
+        t_cells = (f"{t_layer:.2f} | ", f"{t_full:.0f}") if t_layer >= 0 else ("noise (< 0) | ", "n/a")
         rows.append(f"| {tool} | {b['wall_s']:.1f} | {b['rss_mb']:.0f} | {rt:.2f}x | {rm:.2f}x | "
-                    f"{t_layer:.2f} | {m_layer:.0f} | {t_full:.0f} | {m_full / 1024:.1f} |")
+                    f"{t_cells[0]}{m_layer:.0f} | {t_cells[1]} | {m_full / 1024:.1f} |")
     head = (f"LoRA merge, 7B-shaped (hidden 4096, ffn 11008, vocab 32000 -> 49953 -> 49954, fp16), "
             f"LLaMA-Plus r=8 + Alpaca-Plus r=64; measured at {lo} and {hi} layers, extrapolated to {FULL_LAYERS}.\n\n"
             f"| tool | wall s ({hi} L) | peak RSS MB ({hi} L) | wall vs ours | RSS vs ours | s / layer | "

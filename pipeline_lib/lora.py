@@ -197,7 +197,7 @@ def load_adapter(path: str | Path) -> LoraAdapter:
         _, a_shape = reader.info(ab["A"])
         _, b_shape = reader.info(ab["B"])
         emb = emb_flags[module]
-        rank = a_shape[0] if not emb else a_shape[0]
+        rank = a_shape[0]  # lora_A is (r, in) and lora_embedding_A is (r, num_embeddings)
         if b_shape[1] != rank:
             raise InputError(f"{weights_file}: {module} lora_A {tuple(a_shape)} and lora_B {tuple(b_shape)} disagree",
                              expected="lora_A (r, in) and lora_B (out, r)", fix="re-download the LoRA")

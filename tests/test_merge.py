@@ -312,7 +312,7 @@ def test_cli_merge(rel, chain, tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0 and f"vocab:   {rel.config.vocab_size} -> {rel.alpaca_vocab}" in text
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    rc = main(["merge", "--base", str(rel.base_hf), "--lora", str(chain[1]), "--lora", str(chain[0]),
+    rc = main(["merge", "--base", str(rel.base_hf), "--lora", f"{chain[1]},{chain[0]}",  # the release's comma form
                "--out", str(tmp_path / "cli-bad")])
     assert rc == 1 and "order looks reversed" in capsys.readouterr().err
     assert not (tmp_path / "cli-bad").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .. import fsutil
 
@@ -18,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--base", required=True, help="base model folder: HF (.bin or .safetensors shards) or Meta "
                    "(consolidated.NN.pth + params.json)")
     p.add_argument("--lora", required=True, action="append", metavar="PATH",
-                   help="LoRA folder; repeat for a chain, applied in the given order")
+                   help="LoRA folder; repeat (or separate with commas) for a chain, applied in the given order")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--format", choices=("hf", "pth"), default="hf", help="hf: safetensors shards (default); "
                    "pth: Meta consolidated.NN.pth")
@@ -34,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from ..merge import merge, plan_merge
     from ..progress import bar
 
+    # "--lora a,b" as the release's script took it, or "--lora a --lora b"
+    # (a path that exists is never split, even if it has a comma in it)
+    args.lora = [p.strip() for item in args.lora
+                 for p in ([item] if Path(item).exists() else item.split(",")) if p.strip()]
     plan = plan_merge(args.base, args.lora, dtype=args.dtype)  # fail fast, before the progress bar
     with bar(plan.output_bytes, "merge") as pbar:
         result = merge(args.base, args.lora, out=args.out, format=args.format, dtype=args.dtype,

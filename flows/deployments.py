@@ -20,6 +20,7 @@ import yaml
 
 from pipeline_lib import catalog, upstream
 from pipeline_lib.buildspec import DEMO_MODEL
+from pipeline_lib.demo import demo_spec
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PREFECT_YAML = PROJECT_DIR / "deployments" / "prefect.yaml"
@@ -78,7 +79,7 @@ def deployments() -> list[dict[str, Any]]:
         f"build-{DEMO_MODEL}",
         description="Offline demo: a tiny synthetic Chinese-Alpaca-Plus release built locally, then the whole build.",
         tags=["zhllama", "demo"],
-        parameters={"spec": {"model": DEMO_MODEL}},
+        parameters={"spec": demo_spec().model_dump(mode="json", exclude_defaults=True) | {"model": DEMO_MODEL}},
     ))
     out.append(_deployment(
         "check-upstream",

@@ -10,6 +10,7 @@ location is known only then). Memory-heavy stages take a slot of the global conc
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Iterator
@@ -30,10 +31,24 @@ log = logging.getLogger(__name__)
 MEMORY_LIMIT = "zhllama-memory-heavy"
 
 
+@functools.lru_cache(maxsize=8)
+def _limit_exists(api_url: str | None) -> bool:
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(MEMORY_LIMIT)
+        return True
+    except Exception:  # not created on this server (zhllama server creates it): run unthrottled
+        return False
+
+
 @contextlib.contextmanager
 def memory_slot(enabled: bool) -> Iterator[None]:
-    """Hold one slot of the global concurrency limit for memory-heavy stages."""
-    if not enabled:
+    """Hold one slot of the global concurrency limit for memory-heavy stages (when the server has it)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not enabled or not _limit_exists(PREFECT_API_URL.value()):
         yield
         return
     from prefect.concurrency.sync import concurrency

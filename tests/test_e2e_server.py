@@ -1,0 +1,164 @@
+"""End to end through a real Prefect server: deploy from deployments/prefect.yaml, a process work pool
+and a worker subprocess, trigger with the ``prefect deployment run`` CLI, wait, check artifacts.
+
+* two concurrent runs of ``build-tiny-demo`` on an empty store: both complete, every stage is
+  computed by exactly one of them, one set of outputs;
+* a rerun: every stage reported cached;
+* ``check-upstream`` against the fake hub: a changed repo revision fires the deployment trigger
+  of the model built from it; an unchanged one does not.
+
+One server for the whole session (tests/_prefect_fixtures.py); one worker for this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from _prefect_fixtures import VENV_BIN, prefect_server, stop_process  # noqa: F401
+from fakehub import FakeHub
+
+from pipeline_lib.fsutil import TMP_PREFIX
+from pipeline_lib.store import Store
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PROJECT = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT = 600  # generous: the machine may be shared; this is a hang guard, not a performance target
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server, tmp_path_factory):  # noqa: F811
+    """build-tiny-demo on the process pool with a worker; build-llama-plus-7b on a pool without one."""
+    srv = prefect_server
+    srv.prefect("work-pool", "create", "zhllama-process", "--type", "process")
+    srv.prefect("work-pool", "create", "zhllama-idle", "--type", "process")
+    srv.prefect("deploy", "--name", "build-tiny-demo", "--prefect-file", "deployments/prefect.yaml", "--no-prompt",
+                cwd=PROJECT, timeout=300)
+    srv.prefect("deploy", "--name", "build-llama-plus-7b", "--pool", "zhllama-idle", "--prefect-file",
+                "deployments/prefect.yaml", "--no-prompt", cwd=PROJECT, timeout=300)
+    home = tmp_path_factory.mktemp("worker-home")
+    log = home / "worker.log"
+    env = {**os.environ, **srv.env, "ZHLLAMA_HOME": str(home / "zhllama"), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_LOGGING_LEVEL": "INFO"}
+    with open(log, "wb") as fh:
+        worker = subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", "zhllama-process"],
+                                  env=env, cwd=PROJECT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield {"server": srv, "home": home, "worker_log": log}
+    finally:
+        stop_process(worker)
+
+
+def _trigger(srv, *args: str) -> str:
+    """`prefect deployment run ...`; returns the flow run id it prints."""
+    res = srv.prefect("deployment", "run", *args, cwd=PROJECT)
+    m = re.search(r"UUID:\s*([0-9a-f-]{36})", res.stdout)
+    assert m, res.stdout + res.stderr
+    return m.group(1)
+
+
+def _wait(flow_run_id: str, worker_log: Path):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + RUN_TIMEOUT
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(flow_run_id)
+            if run.state and run.state.is_final():
+                assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n" + \
+                    worker_log.read_text(errors="replace")[-4000:]
+                return run
+            time.sleep(1)
+    pytest.fail(f"flow run {flow_run_id} did not finish in {RUN_TIMEOUT}s:\n{worker_log.read_text(errors='replace')[-4000:]}")
+
+
+def _artifacts(flow_run_id: str) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in arts if a.key}
+
+
+def _stages(flow_run_id: str) -> list[dict]:
+    data = _artifacts(flow_run_id)["tiny-demo-stages"].data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def test_deployment_runs_concurrent_then_cached(deployed):
+    srv, home = deployed["server"], deployed["home"]
+    fresh = home / "concurrent-store"
+    out = home / "published"
+    job_env = json.dumps({"ZHLLAMA_HOME": str(fresh)})
+    params = json.dumps({"spec": {"model": "tiny-demo", "out_dir": str(out),
+                                  "evaluation": {"n_ctx": 64, "max_chunks": 4, "max_new_tokens": 16}}})
+    # two runs of the same build at once, on an empty store
+    ids = [_trigger(srv, "build-model/build-tiny-demo", "--params", params, "--job-variable", f"env={job_env}")
+           for _ in range(2)]
+    for i in ids:
+        _wait(i, deployed["worker_log"])
+    a, b = (_stages(i) for i in ids)
+    assert [s["label"] for s in a] == [s["label"] for s in b]
+    for sa, sb in zip(a, b, strict=True):
+        assert sa["key"] == sb["key"]
+        assert [sa["cached"], sb["cached"]].count(False) == 1, f"{sa['label']} computed {'twice' if not (sa['cached'] or sb['cached']) else 'never'}"
+    store = Store(fresh)
+    entries = store.entries()
+    assert len({e.key for e in entries}) == len(entries) == len(a)  # one set of outputs
+    assert not [p for p in store.artifacts.iterdir() if p.name.startswith(TMP_PREFIX)]
+    for name in ("tiny-demo-f16.gguf", "tiny-demo-q4_0.gguf", "tiny-demo-q8_0.gguf", "report/report.md"):
+        assert (out / name).is_file(), name
+
+    # artifacts of a run: verification table, tokenizer check, report with the plot inlined
+    arts = _artifacts(ids[0])
+    assert {"tiny-demo-stages", "tiny-demo-verify", "tiny-demo-tokenizer", "tiny-demo-report"} <= set(arts)
+    report = _artifacts(ids[0])["tiny-demo-report"].data
+    assert "data:image/png;base64," in report and "q4_0" in report
+    verify_rows = json.loads(arts["tiny-demo-verify"].data)
+    assert verify_rows and all(r["status"] == "expected" for r in verify_rows)
+
+    # a rerun reports every stage cached
+    rerun = _trigger(srv, "build-model/build-tiny-demo", "--params", params, "--job-variable", f"env={job_env}")
+    _wait(rerun, deployed["worker_log"])
+    stages = _stages(rerun)
+    assert all(s["cached"] and s["state"] == "Cached" for s in stages), stages
+
+
+def _tiny_repo(tag: bytes) -> dict[str, bytes]:
+    return {"config.json": b'{"model_type": "llama"}', "adapter_model.bin": b"weights " + tag}
+
+
+def test_upstream_change_triggers_only_that_models_rebuild(deployed, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from flows.upstream import check_upstream
+
+    def runs_of(name: str) -> list:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
+
+    repos = {"huggyllama/llama-7b": _tiny_repo(b"base"),
+             "ziqingyang/chinese-llama-plus-lora-7b": _tiny_repo(b"v1")}
+    with FakeHub(repos) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        before = len(runs_of("build-llama-plus-7b"))
+        assert check_upstream(models=["llama-plus-7b"]) == []  # first sighting: the baseline
+        assert check_upstream(models=["llama-plus-7b"]) == []  # unchanged
+        hub.commit("ziqingyang/chinese-llama-plus-lora-7b", {"adapter_model.bin": b"weights v2"})
+        changes = check_upstream(models=["llama-plus-7b"])
+        assert [(c["model"], c["repo"]) for c in changes] == [("llama-plus-7b", "ziqingyang/chinese-llama-plus-lora-7b")]
+        deadline = time.monotonic() + 120  # the server's trigger service reacts to the event
+        while time.monotonic() < deadline and len(runs_of("build-llama-plus-7b")) == before:
+            time.sleep(1)
+        triggered = runs_of("build-llama-plus-7b")
+        assert len(triggered) == before + 1, "the upstream event did not trigger build-llama-plus-7b"
+        assert triggered[0].parameters == {"spec": {"model": "llama-plus-7b"}}
+        assert check_upstream(models=["llama-plus-7b"]) == []  # nothing changed since: nothing emitted

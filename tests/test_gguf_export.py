@@ -231,3 +231,17 @@ def test_cli_convert_and_errors(gguf_models, tmp_path, capsys):
     assert "zhllama quantize" in capsys.readouterr().err
     assert cli.main(["convert", "--lora", str(rel.llama_lora), "--out", str(tmp_path / "y.gguf")]) == 1
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
+def test_meta_checkpoint_converts_like_hf(gguf_models, tmp_path):
+    """Meta's consolidated.NN.pth parts (q/k in Meta layout) give the same tensors as the HF folder."""
+    from pipeline_lib.synthetic import save_meta_base
+
+    src = hf_folder_source(gguf_models.base)
+    weights = {k: v for k, v in src._tensors.items() if "inv_freq" not in k}
+    cfg = gguf_models.release.config
+    meta = save_meta_base(weights, cfg, tmp_path / "meta", parts=2,
+                          tokenizer_model=gguf_models.base / "tokenizer.model")
+    a = convert(meta, out=tmp_path / "meta.gguf").path
+    b = convert(gguf_models.base, out=tmp_path / "hf.gguf").path
+    assert gguf_tensors(a) == gguf_tensors(b)

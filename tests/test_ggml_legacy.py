@@ -63,6 +63,20 @@ def test_header_and_vocab(gguf_models, tmp_path):
     assert texts[-1] == b"[PAD]" and all(b"\xe2\x96\x81" not in t for t in texts)  # spaces, not U+2581
 
 
+@pytest.mark.parametrize("qtype", ["f16", "q4_0"])
+def test_from_gguf_equals_from_checkpoint(gguf_models, legacy_f16_gguf, tmp_path, qtype):
+    """The float GGUF (what the build pipeline keeps) gives the very same legacy file as the checkpoint."""
+    a = export_ggml(legacy_f16_gguf, out=tmp_path / "from-gguf.bin", qtype=qtype).path
+    b = export_ggml(gguf_models.legacy, out=tmp_path / "from-hf.bin", qtype=qtype).path
+    assert a.read_bytes() == b.read_bytes()
+    q8 = convert(gguf_models.legacy, out=tmp_path / "q8.gguf", outtype="q8_0").path
+    with pytest.raises(InputError, match="re-quantizing"):
+        export_ggml(q8, out=tmp_path / "x.bin")
+    assert cli.main(["convert", str(legacy_f16_gguf), "--out", str(tmp_path / "cli.bin"), "--format", "ggml",
+                     "--outtype", qtype]) == 0
+    assert (tmp_path / "cli.bin").read_bytes() == a.read_bytes()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("qtype", list(LEGACY_TYPES))
 def test_llama_cpp_reads_it_back(gguf_models, legacy_f16_gguf, tmp_path, qtype):

@@ -21,7 +21,8 @@ def register(subparsers) -> None:
         "llama.cpp's convert_hf_to_gguf.py output tensor for tensor. --format ggml writes the ggjt v3 "
         "file of 2023 tools (LlamaChat, early text-generation-webui).",
     )
-    p.add_argument("model", nargs="?", help="model folder (HF shards + config.json + tokenizer.model, or Meta)")
+    p.add_argument("model", nargs="?", help="model folder (HF shards + config.json + tokenizer.model, or Meta); "
+                   "with --format ggml also an f16/f32 GGUF file")
     p.add_argument("--base", help="base model folder, merged with --lora while converting")
     p.add_argument("--lora", action="append", metavar="PATH", default=[],
                    help="LoRA folder; repeat for a chain, applied in the given order (needs --base)")
@@ -48,6 +49,9 @@ def _source(args: argparse.Namespace):
         return plan, plan.describe()
     if not args.model:
         raise InputError("no model given", fix="zhllama convert MODEL_DIR --out FILE.gguf (or --base/--lora)")
+    if str(args.model).endswith(".gguf") and args.format == "gguf":
+        raise InputError(f"{args.model} is already a GGUF file",
+                         fix="quantize it with `zhllama quantize`, or export it with --format ggml")
     return args.model, str(args.model)
 
 

@@ -43,7 +43,7 @@ def build_model(spec: BuildSpec) -> dict[str, Any]:
     runs: list[tuple[str, Any]] = []  # (label, future)
 
     def submit(name: str, label: str, *args: Any, wait_for=None, **kwargs: Any):
-        fut = t[name].submit(store_root, *args, wait_for=wait_for, **kwargs)
+        fut = t[name].with_options(task_run_name=label).submit(store_root, *args, wait_for=wait_for, **kwargs)
         runs.append((label, fut))
         return fut
 

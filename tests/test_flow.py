@@ -114,6 +114,9 @@ def test_demo_flow_then_all_cache_hits_and_damage_is_rebuilt(prefect_server, tmp
                  "report/report.md", "report/report.png", "tokenizer/tokenizer.model"):
         assert (out / name).is_file(), name
     assert (out / "tiny-demo-q4_0.gguf").read_bytes()[:4] == b"GGUF"
+    tok = next(e for e in Store().entries() if e.stage == "tokenizer")
+    check = json.loads((tok.path / "check.json").read_text())
+    assert [(r["kind"], r["status"]) for r in check["loras"]] == [("llama", "identical"), ("alpaca", "identical")]
     lock = json.loads((out / "build-lock.json").read_text())
     assert [s["role"] for s in lock["sources"]] == ["base", "lora-0", "lora-1", "chinese_sp"]
 
@@ -205,3 +208,22 @@ def test_failed_publish_is_rolled_back(prefect_server, tmp_path, monkeypatch):  
     assert state.is_failed()
     assert calls["n"] == 3
     assert not [p for p in out.rglob("*") if p.is_file()], "the files published before the failure were removed"
+
+
+def test_tokenizer_stage_rejects_a_lora_tokenizer_that_differs_from_the_merge(tmp_path):
+    import shutil
+
+    from pipeline_lib.errors import IntegrityError
+
+    root = demo.ensure_demo_release(tmp_path / "home")
+    lora = tmp_path / "odd-lora"
+    shutil.copytree(root / demo.ROLES["lora-0"], lora)
+    (lora / "tokenizer.model").unlink()
+    shutil.copyfile(root / demo.ROLES["base"] / "tokenizer.model", lora / "tokenizer.model")  # LLaMA's, unmerged
+    spec = BuildSpec(model="custom-odd", base={"source": str(root / demo.ROLES["base"])}, loras=[{"source": str(lora)}],
+                     chinese_sp={"source": str(root / demo.ROLES["chinese_sp"])}, quant_types=[],
+                     evaluation={"enabled": False}, out_dir=str(tmp_path / "out"))
+    with pytest.raises(IntegrityError, match="differs from the one LoRA 0 ships"):
+        build.run_build(spec)
+    assert not (tmp_path / "out").exists()
+    assert not [e for e in Store().entries() if e.stage == "tokenizer"]

@@ -2,11 +2,14 @@
 
 Contract: for the same HF folder the file equals what llama.cpp's own ``convert_hf_to_gguf.py``
 (llama-cpp-python 0.3.36's vendored copy) writes — tensor for tensor (names, shapes, types,
-bytes) and in every ``llama.*`` and ``tokenizer.*`` key — and, given the same ``general.name``,
-byte for byte. Deliberate differences (see docs/gguf.md):
+bytes) and in every ``llama.*`` and ``tokenizer.*`` key — and, given the same ``general.name``
+and shards stored in LLaMA's tensor order (2023 ``.bin``), byte for byte. Deliberate differences
+(see docs/gguf.md):
 
 * ``general.*`` descriptive keys: we write ``general.name`` (argument or folder name) and
   ``general.size_label``; llama.cpp also guesses basename/finetune/version from folder names.
+* Tensor order is LLaMA's canonical order (the source's); llama.cpp follows the shards' storage
+  order (alphabetical in safetensors). The loader finds tensors by name.
 * We refuse a model whose config ``vocab_size``, embedding rows and tokenizer disagree, where
   llama.cpp silently pads the vocabulary with ``[PADn]`` placeholders or drops tokens.
 
@@ -22,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,15 +75,6 @@ LLAMA_CONFIG_DEFAULTS: dict[str, Any] = {
     "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
     "bos_token_id": 1, "eos_token_id": 2,
 }
-
-
-class TensorSourceLike:  # documentation only: the protocol in pipeline_lib.checkpoint
-    config: dict
-    tokenizer_dir: Path | None
-
-    def tensor_infos(self) -> list: ...
-
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -211,10 +205,8 @@ def special_tokens(config: dict, tokenizer_dir: Path, n_vocab: int) -> tuple[dic
     flags = {kind: tok_config[f"add_{kind}_token"] for kind in SPECIAL_TOKEN_KINDS
              if isinstance(tok_config.get(f"add_{kind}_token"), bool)}
     template = tok_config.get("chat_template")
-    if template is None:
-        for fname in ("chat_template.jinja",):
-            if (tokenizer_dir / fname).is_file():
-                template = (tokenizer_dir / fname).read_text(encoding="utf-8")
+    if template is None and tok_config and (tokenizer_dir / "chat_template.jinja").is_file():
+        template = (tokenizer_dir / "chat_template.jinja").read_text(encoding="utf-8")
     return ids, flags, template
 
 

@@ -197,6 +197,7 @@ class GgufModels:
     gqa: Path  # 2 kv heads for 4 heads: k is permuted with the kv head count
     legacy: Path  # ffn 768 = ceil(8*256/3 / 256) * 256: expressible in ggjt v3 (n_mult 256)
     merged: Path  # base + LLaMA-Plus LoRA + Alpaca-Plus LoRA, merged to an HF folder by `merge`
+    old_config: Path  # the base with a 2023 config.json (no rope_theta, num_key_value_heads, torch_dtype)
     release: object
 
 
@@ -224,8 +225,15 @@ def gguf_models(tiny_release, tmp_path_factory) -> GgufModels:
     legacy = synthetic.save_hf_base(synthetic.random_weights(cfg_legacy, seed=14), cfg_legacy, root / "legacy",
                                     tokenizer_dir=toks.chinese_alpaca_dir, shards=1)
     merged = merge(rel.base_hf, [rel.llama_lora, rel.alpaca_lora], out=root / "merged").out
+    import shutil
+
+    old = Path(shutil.copytree(rel.base_hf, root / "old-config"))
+    config = json.loads((old / "config.json").read_text())
+    for key in ("rope_theta", "num_key_value_heads", "torch_dtype"):
+        config.pop(key)
+    (old / "config.json").write_text(json.dumps(config, indent=2))
     return GgufModels(base=rel.base_hf, alpaca=alpaca, added=added, gqa=gqa, legacy=legacy, merged=merged,
-                      release=rel)
+                      old_config=old, release=rel)
 
 
 def llama_logits(model: Path, tokens: list[int]):

@@ -54,7 +54,7 @@ def assert_same_gguf(ours: Path, ref: Path) -> None:
 
 
 CASES = [("base", "f16"), ("base", "f32"), ("base", "bf16"), ("base", "q8_0"),
-         ("alpaca", "f16"), ("added", "f16"), ("gqa", "f16")]
+         ("alpaca", "f16"), ("added", "f16"), ("gqa", "f16"), ("old_config", "f16")]
 
 
 @pytest.mark.slow

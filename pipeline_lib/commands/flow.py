@@ -267,6 +267,12 @@ def cmd_server(args: argparse.Namespace) -> int:
     exe = Path(sys.executable).with_name("prefect")
     prefect = str(exe) if exe.exists() else "prefect"
     server = worker = None
+
+    def interrupt(signum, frame):  # Ctrl-C, and SIGTERM from a process manager: stop cleanly
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)  # explicit: a shell may start us with SIGINT ignored
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         print(f"starting the Prefect server on {url} (SQLite in {env.get('PREFECT_HOME', '~/.prefect')}) …", flush=True)
         server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(args.port)],

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -439,6 +441,47 @@ def to_gguf_array(t: torch.Tensor, tp: TensorPlan) -> np.ndarray:
     return gguf.quants.quantize(data, gguf.GGMLQuantizationType(tp.qtype))
 
 
+class _WriteBehind:
+    """Write tensors on a thread while the next one is read and converted.
+
+    Reading (a copy out of the checkpoint's mmap) and writing (numpy's ``tofile``) both release the
+    GIL, so they overlap. At most one converted tensor waits, so memory stays at a few tensors.
+    A write error is re-raised in the producer; leaving the block joins the thread either way.
+    """
+
+    def __init__(self, write: Callable[[np.ndarray], None]) -> None:
+        self._write = write
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._abort = False
+        self._thread = threading.Thread(target=self._run, name="gguf-write-behind", daemon=True)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None and not self._abort:
+                try:
+                    self._write(item)
+                except BaseException as exc:  # handed to the producer
+                    self._error = exc
+            del item
+
+    def submit(self, data: np.ndarray) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def __enter__(self) -> _WriteBehind:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._abort = exc_type is not None
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
+
+
 @dataclass(frozen=True)
 class ConvertResult:
     path: Path
@@ -486,7 +529,7 @@ def convert(source, *, out: str | os.PathLike[str], outtype: str = "f16", name: 
         writer.write_ti_data_to_file()
         order = [tp.hf_name for tp in plan.tensors]
         done = 0
-        with bar(plan.tensor_bytes, f"convert {out.name}") as pbar:
+        with bar(plan.tensor_bytes, f"convert {out.name}") as pbar, _WriteBehind(writer.write_tensor_data) as wb:
             for hf_name, tensor in src.iter_tensors():
                 if names.is_ignored(hf_name):
                     continue
@@ -500,7 +543,7 @@ def convert(source, *, out: str | os.PathLike[str], outtype: str = "f16", name: 
                                      expected=f"{list(tp.shape)} as announced by tensor_infos()")
                 data = to_gguf_array(tensor, tp)
                 del tensor
-                writer.write_tensor_data(data)
+                wb.submit(data)
                 done += 1
                 pbar.update(tp.nbytes)
                 if on_progress is not None:

@@ -245,3 +245,22 @@ def test_meta_checkpoint_converts_like_hf(gguf_models, tmp_path):
     a = convert(meta, out=tmp_path / "meta.gguf").path
     b = convert(gguf_models.base, out=tmp_path / "hf.gguf").path
     assert gguf_tensors(a) == gguf_tensors(b)
+
+
+def test_write_error_surfaces_and_leaves_nothing(gguf_models, tmp_path, monkeypatch):
+    """A failing write on the write-behind thread (disk full) is raised in the caller; no file remains."""
+    import gguf
+
+    calls = []
+    real = gguf.GGUFWriter.write_tensor_data
+
+    def flaky(self, tensor, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        return real(self, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        convert(gguf_models.base, out=tmp_path / "x.gguf")
+    assert list(tmp_path.iterdir()) == []

@@ -94,8 +94,9 @@ def _stage_task(name: str, *, heavy: bool = False, retries: int = 0, builder):
     BUILDERS[name] = builder
 
     def decorate(fn):
-        t = task(name=name, retries=retries, retry_delay_seconds=[2, 10, 30][:retries] or 0,
-                 tags=["zhllama", f"stage:{name}"] + (["memory-heavy"] if heavy else []))(fn)
+        # No task tags: every tagged task run asks the server for tag-based concurrency slots
+        # (about 0.3 s each, even when the result is cached); the memory limit is a global one.
+        t = task(name=name, retries=retries, retry_delay_seconds=[2, 10, 30][:retries] or 0)(fn)
         return t
 
     return decorate
@@ -166,7 +167,7 @@ def report(store_root: str, evaluations: dict[str, Entry], title: str) -> Entry:
 # ------------------------------------------------------------------ publishing (never cached)
 
 
-@task(name="publish", tags=["zhllama"], cache_policy=NO_CACHE, persist_result=False)
+@task(name="publish", cache_policy=NO_CACHE, persist_result=False)
 def publish_one(entry: Entry, out_dir: str, name: str) -> str:
     """Copy one output into the build folder. Undone by the rollback hook if the publish transaction fails."""
     path = build.publish_entry(entry, Path(out_dir), name)
@@ -182,7 +183,7 @@ def _unpublish(txn) -> None:
         build.unpublish([Path(txn.get("published"))])
 
 
-@task(name="build-lock", tags=["zhllama"], cache_policy=NO_CACHE, persist_result=False)
+@task(name="build-lock", cache_policy=NO_CACHE, persist_result=False)
 def write_lock(out_dir: str, lock: dict[str, Any]) -> str:
     return str(build.write_build_lock(Path(out_dir), lock))
 
@@ -195,7 +196,7 @@ def publish(entries: dict[str, Entry], out_dir: str, lock: dict[str, Any]) -> li
     return paths
 
 
-@task(name="report-artifacts", tags=["zhllama"])
+@task(name="report-artifacts")
 def post_artifacts(name: str, display: str, verified: Entry | None, tokenizer: Entry | None, report: Entry | None,
                    stages: list[dict[str, Any]]) -> None:
     """Table/markdown artifacts: verification results, tokenizer check, stage cache table, evaluation report."""

@@ -34,11 +34,13 @@ def ensure_demo_release(home: Path) -> Path:
     with FileLock(str(root.parent / f".{SOURCE_DIR}.lock")):
         if (root / "SHA256SUMS").is_file():
             return root
-        from .synthetic import make_release
+        from .synthetic import TinyConfig, make_release
 
         log.info("building the synthetic demo release in %s", root)
         with atomic_dir(root, replace=True) as tmp:
-            rel = make_release(tmp / "work")
+            # ffn 768 = LLaMA's rule (8/3 · hidden rounded up to 256) for hidden 256: the legacy GGML
+            # format can then hold it too, and rows stay multiples of 256 for the K-quants.
+            rel = make_release(tmp / "work", config=TinyConfig(intermediate_size=768))
             moves = {"base": rel.base_hf, "lora-0": rel.llama_lora, "lora-1": rel.alpaca_lora}
             for role, src in moves.items():
                 src.rename(tmp / ROLES[role])

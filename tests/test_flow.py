@@ -246,3 +246,21 @@ def test_dockerfile_is_multistage_non_root_with_cache_volume_and_worker():
         if ln.startswith("COPY ") and "--from=" not in ln:
             for src in [a for a in ln.split()[1:-1] if not a.startswith("--")]:
                 assert (root / src).exists(), src
+
+
+def test_checkpoint_and_legacy_ggml_outputs_sequentially(tmp_path):
+    """hf + pth + ggml outputs: merge to checkpoints, GGUF from the HF checkpoint, ggjt v3 files."""
+    out = tmp_path / "out"
+    spec = BuildSpec(model="tiny-demo", outputs=["hf", "pth", "gguf", "ggml"], quant_types=["q4_0"],
+                     ggml_types=["f16", "q4_0"], evaluation={"enabled": False}, out_dir=str(out))
+    result = build.run_build(spec)
+    labels = [s.label for s in result.stages]
+    assert {"merge hf", "merge pth", "gguf f16", "quantize q4_0", "ggml f16", "ggml q4_0"} <= set(labels)
+    assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.model").is_file()
+    assert list((out / "pth").glob("consolidated.*.pth")) and (out / "pth" / "params.json").is_file()
+    for q in ("f16", "q4_0"):
+        assert (out / f"tiny-demo-ggml-{q}.bin").read_bytes()[:4] == b"tjgg"  # ggjt magic, little endian
+    one_pass = build.run_build(spec.model_copy(update={"outputs": ["gguf"], "out_dir": str(tmp_path / "o2")}))
+    # the one-pass GGUF (merge stream → GGUF) and the GGUF of the HF checkpoint quantize identically
+    q = {s.label: s.key for s in one_pass.stages}["quantize q4_0"]
+    assert q == {s.label: s.key for s in result.stages}["quantize q4_0"]

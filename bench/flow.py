@@ -67,7 +67,10 @@ def run_child(mode: str, env: dict, no_eval: bool) -> tuple[dict, float, int]:
         fe.seek(0)
         if os.waitstatus_to_exitcode(status):
             raise RuntimeError(f"{mode} run failed:\n{fe.read().decode()[-4000:]}")
-        out = fo.read().decode().strip().splitlines()[-1]
+        lines = fo.read().decode().strip().splitlines()
+        if not lines:
+            raise RuntimeError(f"{mode} run printed nothing:\n{fe.read().decode()[-4000:]}")
+        out = lines[-1]
     return json.loads(out), wall, usage.ru_maxrss * 1024
 
 

@@ -13,6 +13,8 @@ import contextlib
 import functools
 import json
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,18 +45,28 @@ def _limit_exists(api_url: str | None) -> bool:
         return False
 
 
+# Within one flow-run process, heavy stages also take a local slot: they are CPU- and memory-bound
+# (llama.cpp and torch use every core already), so running several at once on one host only makes
+# each slower. ZHLLAMA_HEAVY_SLOTS raises it; the server's global limit coordinates across workers.
+_LOCAL_SLOTS = threading.BoundedSemaphore(max(1, int(os.environ.get("ZHLLAMA_HEAVY_SLOTS", "1"))))
+
+
 @contextlib.contextmanager
 def memory_slot(enabled: bool) -> Iterator[None]:
-    """Hold one slot of the global concurrency limit for memory-heavy stages (when the server has it)."""
+    """Hold a local slot, and one of the global limit ``zhllama-memory-heavy`` when the server has it."""
     from prefect.settings import PREFECT_API_URL
 
-    if not enabled or not _limit_exists(PREFECT_API_URL.value()):
+    if not enabled:
         yield
         return
-    from prefect.concurrency.sync import concurrency
+    with _LOCAL_SLOTS:
+        if not _limit_exists(PREFECT_API_URL.value()):
+            yield
+            return
+        from prefect.concurrency.sync import concurrency
 
-    with concurrency(MEMORY_LIMIT, occupy=1, strict=False):
-        yield
+        with concurrency(MEMORY_LIMIT, occupy=1, strict=False):
+            yield
 
 
 def _progress(label: str) -> Any:

@@ -23,6 +23,7 @@ Prefect tasks, in parallel where the DAG allows.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
@@ -121,6 +122,29 @@ class StageRequest:
 
     def key(self) -> str:
         return Store.key(self.stage, version=self.version, inputs=self.inputs, params=self.params)
+
+
+# Where a running stage reports progress: a callable (fraction 0..1, description) set by the caller
+# around run_stage (the Prefect task sets one that updates a progress artifact). Default: nothing.
+PROGRESS: contextvars.ContextVar[Callable[[float, str], None] | None] = contextvars.ContextVar(
+    "zhllama_progress", default=None)
+
+
+def _report(fraction: float, text: str) -> None:
+    cb = PROGRESS.get()
+    if cb is not None:
+        cb(max(0.0, min(fraction, 1.0)), text)
+
+
+def _bytes_progress(total: int, what: str) -> Callable[[int], None]:
+    """A ``progress(nbytes)`` callback (merge, convert) turned into fractions of ``total``."""
+    done = [0]
+
+    def on_bytes(n: int) -> None:
+        done[0] += n
+        _report(done[0] / total if total else 0.0, f"{what}: {done[0] / 1e6:.0f} MB written")
+
+    return on_bytes
 
 
 def digest(entry: Entry) -> str:
@@ -396,7 +420,9 @@ def merge_request(base: Entry, loras: Sequence[Entry], tokenizer: Entry, *, fmt:
     def produce(tmp: Path) -> dict:
         from .merge import merge
 
-        result = merge(base.path, _lora_paths(loras), out=tmp / fmt, format=fmt, dtype=dtype)
+        total = base.size * (2 if dtype == "float32" else 1)  # about one base's worth of bytes is written
+        result = merge(base.path, _lora_paths(loras), out=tmp / fmt, format=fmt, dtype=dtype,
+                       progress=_bytes_progress(total, f"merge {fmt}"))
         return {"result": _summary(result)}
 
     return StageRequest("merge", inputs=_merge_inputs(base, loras, tokenizer),
@@ -422,7 +448,9 @@ def gguf_request(base: Entry, loras: Sequence[Entry], tokenizer: Entry, *, merge
             from .merge import plan_merge
 
             source = plan_merge(base.path, _lora_paths(loras), dtype=dtype)
-        result = convert(source, out=tmp / filename, outtype=outtype, name=name)
+        total = (merged_hf.size if merged_hf is not None else base.size) * (2 if outtype == "f32" else 1)
+        result = convert(source, out=tmp / filename, outtype=outtype, name=name,
+                         on_progress=_bytes_progress(total, f"gguf {outtype}"))
         return {"file": filename, "one_pass": merged_hf is None, "result": _summary(result)}
 
     inputs = {"merged": digest(merged_hf)} if merged_hf is not None else _merge_inputs(base, loras, tokenizer)
@@ -440,7 +468,8 @@ def quantize_request(gguf: Entry, *, qtype: str, name: str) -> StageRequest:
     def produce(tmp: Path) -> dict:
         from .quantize import quantize
 
-        result = quantize(gguf_file(gguf), qtypes=[qtype], out_dir=tmp)
+        result = quantize(gguf_file(gguf), qtypes=[qtype], out_dir=tmp,
+                          on_progress=lambda q, i, n: _report(i / n if n else 0.0, f"quantize {q}: tensor {i}/{n}"))
         produced = sorted(p for p in tmp.iterdir() if p.suffix == ".gguf")
         want = tmp / f"{name}-{qtype}.gguf"
         if len(produced) == 1 and produced[0] != want:

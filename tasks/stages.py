@@ -79,6 +79,26 @@ def _progress(label: str) -> Any:
         return None
 
 
+class _ProgressArtifact:
+    """build.PROGRESS callback updating a Prefect progress artifact, at most every 2 s or 5 %."""
+
+    def __init__(self, artifact_id: Any) -> None:
+        self.artifact_id, self.last_t, self.last_p = artifact_id, 0.0, 0.0
+
+    def __call__(self, fraction: float, text: str) -> None:
+        import time
+
+        from prefect.artifacts import update_progress_artifact
+
+        now = time.monotonic()
+        if self.artifact_id is None or (now - self.last_t < 2 and fraction - self.last_p < 0.05):
+            return
+        self.last_t, self.last_p = now, fraction
+        with contextlib.suppress(Exception):
+            update_progress_artifact(artifact_id=self.artifact_id, progress=round(99 * fraction, 1),
+                                     description=text)
+
+
 def _progress_done(artifact_id: Any, label: str) -> None:
     from prefect.artifacts import update_progress_artifact
 
@@ -94,8 +114,12 @@ def _run(task_name: str, store_root: str, heavy: bool = False, **kwargs: Any) ->
     args = {k: refresh(store, v) for k, v in kwargs.items()}
     request = BUILDERS[task_name](**args)
     artifact_id = _progress(request.label) if heavy else None
-    with memory_slot(heavy):
-        entry = build.run_stage(store, request)
+    token = build.PROGRESS.set(_ProgressArtifact(artifact_id) if artifact_id is not None else None)
+    try:
+        with memory_slot(heavy):
+            entry = build.run_stage(store, request)
+    finally:
+        build.PROGRESS.reset(token)
     _progress_done(artifact_id, request.label)
     log.info("%s: %s %s", request.label, "cache hit" if entry.cached else "produced", entry.key[:12])
     return entry

@@ -135,11 +135,20 @@ def _tiny_repo(tag: bytes) -> dict[str, bytes]:
     return {"config.json": b'{"model_type": "llama"}', "adapter_model.bin": b"weights " + tag}
 
 
-def test_upstream_change_triggers_only_that_models_rebuild(deployed, monkeypatch):
+def test_upstream_change_triggers_only_that_models_rebuild(deployed, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    from flows.upstream import check_upstream
+    env = {**os.environ, **deployed["server"].env, "ZHLLAMA_HOME": str(tmp_path / "home")}
+
+    def check_upstream(models: list[str]) -> list[dict]:
+        """Run the check-upstream flow in its own process, as its deployment would."""
+        code = ("import json, sys; from flows.upstream import check_upstream; "
+                "print(json.dumps(check_upstream(models=sys.argv[1:])))")
+        res = subprocess.run([str(VENV_BIN / "python"), "-c", code, *models], env=env, cwd=PROJECT,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
 
     def runs_of(name: str) -> list:
         """Runs of a deployment not made by its weekly schedule (the scheduler adds those any time)."""
@@ -150,7 +159,7 @@ def test_upstream_change_triggers_only_that_models_rebuild(deployed, monkeypatch
     repos = {"huggyllama/llama-7b": _tiny_repo(b"base"),
              "ziqingyang/chinese-llama-plus-lora-7b": _tiny_repo(b"v1")}
     with FakeHub(repos) as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        env["HF_ENDPOINT"] = hub.url
         before = len(runs_of("build-llama-plus-7b"))
         assert check_upstream(models=["llama-plus-7b"]) == []  # first sighting: the baseline
         assert check_upstream(models=["llama-plus-7b"]) == []  # unchanged

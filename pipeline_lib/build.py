@@ -54,7 +54,11 @@ CHINESE_SP_URL = "https://github.com/ymcui/Chinese-LLaMA-Alpaca/raw/main/scripts
 
 # Files each kind of source contributes to a build (hub allow_patterns; local folders are filtered too).
 INCLUDE: dict[str, tuple[str, ...] | None] = {
-    "base": ("*.json", "tokenizer.model", "pytorch_model-*.bin", "consolidated.*.pth"),
+    # huggyllama's repos also hold safetensors shards (+ their index) and tokenizer.json: the official
+    # hashes are of the .bin shards, and tokenizer.model is the tokenizer that matters.
+    "base": ("config.json", "generation_config.json", "pytorch_model.bin.index.json", "pytorch_model-*.bin",
+             "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "params.json",
+             "consolidated.*.pth"),
     "lora": ("adapter_model.bin", "adapter_model.safetensors", "adapter_config.json", "tokenizer.model",
              "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"),
     "chinese_sp": None,
@@ -241,7 +245,13 @@ def resolve_hub_revision(repo: str, revision: str | None) -> str:
         return rev
     from huggingface_hub import HfApi
 
-    return HfApi().model_info(repo, revision=rev).sha
+    try:
+        return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(repo, revision=rev).sha
+    except Exception as exc:  # network down, unknown repo or revision, gated repo without a token
+        raise InputError(f"cannot resolve {repo}@{rev} on the hub ({type(exc).__name__}: {exc})",
+                         expected="a reachable hub repo and revision",
+                         fix="check the network / HF_ENDPOINT / HF_TOKEN, or give a local folder as the source "
+                             "(zhllama build MODEL --base DIR --lora DIR ...)") from exc
 
 
 def _hub_repo(source: str) -> tuple[str, str | None]:

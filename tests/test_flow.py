@@ -264,3 +264,34 @@ def test_checkpoint_and_legacy_ggml_outputs_sequentially(tmp_path):
     # the one-pass GGUF (merge stream → GGUF) and the GGUF of the HF checkpoint quantize identically
     q = {s.label: s.key for s in one_pass.stages}["quantize q4_0"]
     assert q == {s.label: s.key for s in result.stages}["quantize q4_0"]
+
+
+def test_build_from_hub_sources_records_commits_and_follows_new_revisions(tmp_path, monkeypatch):
+    """Sources on a (fake) hub: downloaded through huggingface_hub, keyed on the resolved commit."""
+    from fakehub import FakeHub
+
+    root = demo.ensure_demo_release(tmp_path / "src")
+
+    def files(folder: str) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in (root / folder).iterdir() if p.is_file()}
+
+    repos = {"test/llama-base": files(demo.ROLES["base"]), "test/lora-plus": files(demo.ROLES["lora-0"]),
+             "test/lora-alpaca": files(demo.ROLES["lora-1"])}
+    with FakeHub(repos) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        spec = BuildSpec(model="hub-chain", base={"source": "test/llama-base"},
+                         loras=[{"source": "test/lora-plus"}, {"source": "hf://test/lora-alpaca"}],
+                         quant_types=["q4_0"], evaluation={"enabled": False}, out_dir=str(tmp_path / "out"))
+        first = build.run_build(spec)
+        lock = json.loads((tmp_path / "out" / "build-lock.json").read_text())
+        assert [s["fingerprint"] for s in lock["sources"]] == [
+            "hub:" + hub.head(r) for r in ("test/llama-base", "test/lora-plus", "test/lora-alpaca")]
+        assert (tmp_path / "out" / "hub-chain-q4_0.gguf").is_file()
+        assert build.run_build(spec).all_cached
+        # a new commit of one LoRA repo: its download and everything after it are recomputed
+        hub.commit("test/lora-alpaca", {"README.md": b"new revision, same weights"})
+        again = {s.label: s.cached for s in build.run_build(spec).stages}
+        assert again["download lora-1"] is False and again["download base"] is True
+        # same weights: the merged outputs have the same content digests, so they stay cached
+        assert again["gguf f16"] is True and again["quantize q4_0"] is True
+    assert not first.all_cached

@@ -125,6 +125,19 @@ def _run(task_name: str, store_root: str, heavy: bool = False, **kwargs: Any) ->
     return entry
 
 
+def retry_transient(task, task_run, state) -> bool:
+    """Retry network trouble, not a wrong input: a bad source, a digest mismatch or a full disk stay failed."""
+    from pipeline_lib.errors import DiskSpaceError, InputError, IntegrityError
+
+    try:
+        state.result()
+    except (InputError, IntegrityError, DiskSpaceError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
 def _stage_task(name: str, *, heavy: bool = False, retries: int = 0, builder):
     """Register ``builder`` for the cache policy and return the matching task function."""
     BUILDERS[name] = builder
@@ -132,7 +145,8 @@ def _stage_task(name: str, *, heavy: bool = False, retries: int = 0, builder):
     def decorate(fn):
         # No task tags: every tagged task run asks the server for tag-based concurrency slots
         # (about 0.3 s each, even when the result is cached); the memory limit is a global one.
-        t = task(name=name, retries=retries, retry_delay_seconds=[2, 10, 30][:retries] or 0)(fn)
+        t = task(name=name, retries=retries, retry_delay_seconds=[2, 10, 30][:retries] or 0,
+                 retry_condition_fn=retry_transient if retries else None)(fn)
         return t
 
     return decorate

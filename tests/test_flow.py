@@ -295,3 +295,14 @@ def test_build_from_hub_sources_records_commits_and_follows_new_revisions(tmp_pa
         # same weights: the merged outputs have the same content digests, so they stay cached
         assert again["gguf f16"] is True and again["quantize q4_0"] is True
     assert not first.all_cached
+
+
+def test_download_retries_network_errors_but_not_bad_inputs():
+    from prefect.states import Failed
+
+    from pipeline_lib.errors import IntegrityError
+    from tasks.stages import download, retry_transient
+
+    assert download.retries == 2
+    assert retry_transient(None, None, Failed(data=ConnectionError("reset by peer"))) is True
+    assert retry_transient(None, None, Failed(data=IntegrityError("sha256 mismatch"))) is False

@@ -139,7 +139,9 @@ class BuildSpec(BaseModel):
                     f"unknown model {self.model!r}; choose a catalog name ({', '.join(close or sorted(known)[:6])}, "
                     f"...; `zhllama catalog` lists all), '{DEMO_MODEL}', or give both base and loras"
                 )
-        if "gguf" not in self.outputs and self.quant_types:
+        # Asking for quantization types without GGUF output is a contradiction; the default types
+        # simply do not apply to a build that writes only a checkpoint.
+        if "gguf" not in self.outputs and self.quant_types and "quant_types" in self.model_fields_set:
             raise ValueError("quant_types needs 'gguf' in outputs (quantization starts from the GGUF file)")
         return self
 

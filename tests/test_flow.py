@@ -38,6 +38,9 @@ def test_buildspec_rejects_bad_values_with_clear_messages():
         BuildSpec(model="x", base={"source": "a/b", "sha256": {"f.bin": "abc"}}, loras=[{"source": "c/d"}])
     with pytest.raises(ValidationError, match="extra"):
         BuildSpec(model="alpaca-plus-7b", quantize=["q4_0"])
+    with pytest.raises(ValidationError, match="needs 'gguf' in outputs"):
+        BuildSpec(model="alpaca-plus-7b", outputs=["hf"], quant_types=["q4_0"])
+    assert not BuildSpec(model="alpaca-plus-7b", outputs=["hf"]).one_pass  # default quant types don't apply
     spec = BuildSpec(model="alpaca-plus-7b", quant_types=["Q4_K_M", "q4_k_m"])
     assert spec.quant_types == ["q4_K_M"] and spec.one_pass
 

@@ -130,6 +130,14 @@ def test_deployment_runs_concurrent_then_cached(deployed):
     stages = _stages(rerun)
     assert all(s["cached"] and s["state"] == "Cached" for s in stages), stages
 
+    # the shorthand: `zhllama run build-tiny-demo` triggers the same deployment
+    res = subprocess.run([str(VENV_BIN / "zhllama"), "run", "build-tiny-demo", "--wait", "--param",
+                          "spec=" + json.dumps(json.loads(params)["spec"]),
+                          "--job-variable", f"env={job_env}"], env={**os.environ, **srv.env}, cwd=PROJECT,
+                         capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "of build-model/build-tiny-demo: Completed" in res.stdout
+
 
 def _tiny_repo(tag: bytes) -> dict[str, bytes]:
     return {"config.json": b'{"model_type": "llama"}', "adapter_model.bin": b"weights " + tag}

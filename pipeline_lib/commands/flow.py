@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("deployment", help="build-<model>, <model>, check-upstream, or FLOW/DEPLOYMENT")
     p.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
                    help="override a parameter, e.g. --param 'spec={\"model\":\"alpaca-plus-7b\",\"quant_types\":[\"q4_K_M\"]}'")
+    p.add_argument("--job-variable", action="append", default=[], metavar="KEY=JSON",
+                   help="work-pool job variable for this run, e.g. --job-variable 'env={\"ZHLLAMA_HOME\": \"/data/zh\"}'")
     p.add_argument("--wait", action="store_true", help="wait for the run to finish and print its final state")
     p.set_defaults(func=cmd_run)
 
@@ -130,7 +132,7 @@ def _run_spec(spec, *, no_prefect: bool) -> dict[str, Any]:
                                                            f" ({s.seconds:.1f}s)", flush=True))
         rows = [{"label": s.label, "stage": s.stage, "cached": s.cached, "key": s.key[:12]} for s in result.stages]
         return {"out_dir": str(result.out_dir), "stages": rows}
-    if not os.environ.get("PREFECT_API_URL"):
+    if not _api_url():
         print("note: PREFECT_API_URL is not set, so Prefect starts a temporary local server for this run "
               "(10-20 s); `zhllama server` keeps one running with the UI.", file=sys.stderr, flush=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -178,28 +180,48 @@ def deployment_name(text: str) -> str:
     return f"build-model/{text if text.startswith('build-') else 'build-' + text}"
 
 
+def _key_values(items: list[str], option: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"{option} {item!r}", expected="KEY=JSON, e.g. spec={\"model\": \"alpaca-plus-7b\"}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _api_url() -> str | None:
+    """PREFECT_API_URL from the environment or the active Prefect profile (`prefect config set ...`)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    if not os.environ.get("PREFECT_API_URL"):
+    api = _api_url()
+    if not api:
         raise InputError("no Prefect server to run a deployment on (PREFECT_API_URL is not set)",
                          fix="start one with `zhllama server` and export the PREFECT_API_URL it prints, "
                              "or build in this process with `zhllama build MODEL`")
-    params: dict[str, Any] = {}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--param {item!r}", expected="KEY=JSON, e.g. spec={\"model\": \"alpaca-plus-7b\"}")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
+    params = _key_values(args.param, "--param")
+    job_variables = _key_values(args.job_variable, "--job-variable")
     from prefect.deployments import run_deployment
 
     name = deployment_name(args.deployment)
     try:
-        run = run_deployment(name=name, parameters=params or None, timeout=None if args.wait else 0)
+        run = run_deployment(name=name, parameters=params or None, job_variables=job_variables or None,
+                             timeout=None if args.wait else 0)
     except Exception as exc:
+        import httpx
+
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError)):
+            raise ZhllamaError(f"cannot reach the Prefect server at {api} ({exc})",
+                               fix="start it with `zhllama server`, or fix PREFECT_API_URL") from None
         if "not found" in str(exc).lower() or "404" in str(exc):
-            raise InputError(f"no deployment {name!r} on {os.environ['PREFECT_API_URL']}",
+            raise InputError(f"no deployment {name!r} on {api}",
                              fix="deploy them with `zhllama server` or `prefect deploy --all "
                                  "--prefect-file deployments/prefect.yaml`") from exc
         raise

@@ -16,6 +16,8 @@ its committed result ("Cached").
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +91,39 @@ class StoreCachePolicy(CachePolicy):
         return key
 
 
+class LivenessLockManager(FileSystemLockManager):
+    """FileSystemLockManager that frees a lock whose holder process on this host no longer exists.
+
+    Prefect's file locks never expire (no hold timeout): a worker killed while computing a stage
+    would leave its lock behind and every later run of that build would wait forever. Holders are
+    ``hostname:pid:thread...``; a lock held by a dead pid of this host is stale and is removed.
+    """
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        if not super().is_locked(key, use_cache=use_cache):
+            return False
+        info = self._get_lock_info(key, use_cache=False)
+        holder = (info or {}).get("holder") or ""
+        host, _, rest = holder.partition(":")
+        pid_text = rest.partition(":")[0]
+        if info is None or host != socket.gethostname() or not pid_text.isdigit() or _alive(int(pid_text)):
+            return info is not None
+        log.warning("removing the stale lock of %s held by the dead process %s", key[:40], pid_text)
+        Path(info["path"]).unlink(missing_ok=True)
+        self._locks.pop(key, None)
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def cache_options(store_root: str | Path) -> dict[str, Any]:
     """``Task.with_options`` keywords that make a stage task cache into the store at ``store_root``."""
     base = prefect_dir(store_root)
@@ -96,7 +131,7 @@ def cache_options(store_root: str | Path) -> dict[str, Any]:
     records.mkdir(parents=True, exist_ok=True)
     policy = StoreCachePolicy(records_dir=records).configure(
         isolation_level=IsolationLevel.SERIALIZABLE,
-        lock_manager=FileSystemLockManager(lock_files_directory=base / "locks"),
+        lock_manager=LivenessLockManager(lock_files_directory=base / "locks"),
     )
     return {
         "cache_policy": policy,

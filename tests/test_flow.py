@@ -309,3 +309,22 @@ def test_download_retries_network_errors_but_not_bad_inputs():
     assert download.retries == 2
     assert retry_transient(None, None, Failed(data=ConnectionError("reset by peer"))) is True
     assert retry_transient(None, None, Failed(data=IntegrityError("sha256 mismatch"))) is False
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block_the_next_run(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tasks._cache import LivenessLockManager
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    manager = LivenessLockManager(lock_files_directory=tmp_path)
+    (tmp_path / "k.lock").write_text(json.dumps({"holder": f"{socket.gethostname()}:{pid}:1:MainThread",
+                                                 "expiration": None}))
+    assert not manager.is_locked("k")
+    assert manager.acquire_lock("k", holder="me") and manager.is_lock_holder("k", "me")
+    live = f"{socket.gethostname()}:{os.getpid()}:1:MainThread"
+    (tmp_path / "j.lock").write_text(json.dumps({"holder": live, "expiration": None}))
+    assert manager.is_locked("j")  # a live holder keeps its lock

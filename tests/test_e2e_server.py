@@ -182,3 +182,45 @@ def test_upstream_change_triggers_only_that_models_rebuild(deployed, tmp_path):
         assert triggered[0].created_by is not None and triggered[0].created_by.type == "AUTOMATION"
         assert triggered[0].parameters == {"spec": {"model": "llama-plus-7b"}}
         assert check_upstream(models=["llama-plus-7b"]) == []  # nothing changed since: nothing emitted
+
+
+def test_zhllama_server_deploys_everything_and_stops_on_ctrl_c(tmp_path):
+    """`zhllama server`: its own server on 127.0.0.1, pool, limit, all deployments, worker; SIGINT stops all."""
+    import signal
+
+    from _prefect_fixtures import free_port
+
+    from flows.deployments import deployments
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "ZHLLAMA_HOME": str(tmp_path / "zh"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    log = tmp_path / "server.out"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([str(VENV_BIN / "zhllama"), "server", "--port", str(port)], env=env, cwd=PROJECT,
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and "Prefect UI" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            time.sleep(1)
+        text = log.read_text(errors="replace")
+        assert f"Prefect UI: http://127.0.0.1:{port}" in text, text[-3000:]
+        api = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+        import urllib.request
+
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/deployments/count", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert int(r.read()) == len(deployments())  # every model, the demo and check-upstream
+        gcl = subprocess.run([str(VENV_BIN / "prefect"), "gcl", "inspect", "zhllama-memory-heavy"], env=api,
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert gcl.returncode == 0, gcl.stdout + gcl.stderr
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=90) == 0
+        assert "stopping the worker" in log.read_text(errors="replace")
+        with pytest.raises(OSError):  # the server is gone
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=3)
+    finally:
+        stop_process(proc)

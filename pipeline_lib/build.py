@@ -24,7 +24,6 @@ Prefect tasks, in parallel where the DAG allows.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import json
 import logging
 import os
@@ -721,10 +720,6 @@ def build_lock(plan: BuildPlan, downloads: Mapping[str, Entry], fingerprints: Ma
     }
 
 
-def outputs_for(plan: BuildPlan) -> list[str]:
-    return list(plan.spec.outputs)
-
-
 def run_build(spec: BuildSpec, *, store: Store | None = None,
               on_stage: Callable[[StageRun], None] | None = None) -> BuildResult:
     """Run the whole DAG sequentially, without Prefect. Same keys, same outputs as the flow."""
@@ -778,13 +773,3 @@ def run_build(spec: BuildSpec, *, store: Store | None = None,
 
 def eval_options(spec: BuildSpec) -> dict[str, Any]:
     return spec.evaluation.model_dump(exclude={"enabled"})
-
-
-def stage_digest_table(entries: Mapping[str, Entry]) -> list[dict[str, Any]]:
-    """Rows for a table artifact / CLI listing: name, stage, key, size, cached."""
-    return [{"name": n, "stage": e.stage, "key": e.key[:12], "bytes": e.size, "cached": e.cached}
-            for n, e in entries.items()]
-
-
-def short(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]

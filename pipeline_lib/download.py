@@ -249,8 +249,9 @@ def git_blob_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def _place(src: Path, dest: Path) -> None:
-    """Put ``src``'s content at ``dest`` atomically: a hard link when possible, else a copy."""
+def _place(src: Path, dest: Path, *, link: bool = True) -> None:
+    """Put ``src``'s content at ``dest`` atomically: a hard link when ``link`` and possible, else a
+    fsynced copy. Local sources are copied (``link=False``): the user may edit their own folder."""
     src = Path(os.path.realpath(src))
     if dest.exists() and dest.is_file():
         try:
@@ -261,9 +262,14 @@ def _place(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}.{os.getpid()}.{time.monotonic_ns()}")
     try:
-        try:
-            os.link(src, tmp)
-        except OSError:  # other filesystem, or links not allowed: copy
+        linked = False
+        if link:
+            try:
+                os.link(src, tmp)
+                linked = True
+            except OSError:  # other filesystem, or links not allowed: copy
+                pass
+        if not linked:
             with open(src, "rb") as fi, open(tmp, "wb") as fo:
                 shutil.copyfileobj(fi, fo, _CHUNK * 8)
                 fo.flush()
@@ -630,27 +636,13 @@ def _download_local(src: Source, *, out: Path, include, expected, on_file) -> Do
     for rel, p in pairs:
         dest = p if same else out / rel
         if not same:
-            _copy_atomic(p, dest)
+            _place(p, dest, link=False)
         art = Artifact(dest, digests[p], p.stat().st_size, str(p), None, verified[rel])
         artifacts.append(art)
         if on_file:
             on_file(art)
     return DownloadResult(src.text, "local", out, tuple(artifacts), None,
                           _lock(src, "local", files=artifacts, out=out, include=include))
-
-
-def _copy_atomic(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}.{os.getpid()}.{time.monotonic_ns()}")
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            shutil.copyfileobj(fi, fo, _CHUNK * 8)
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _from_archive(src: Source, archive: Path, *, out: Path, include, expected, on_file, origin: str,

@@ -83,7 +83,8 @@ def build_model(spec: BuildSpec) -> dict[str, Any]:
             publishable[fname] = fut.result()
         if spec.evaluation.enabled and "gguf" in spec.outputs:
             options = build.eval_options(spec)
-            evals = {label: submit("evaluate", f"evaluate {label}", v, f16, [downloads["base"], tok], label, options)
+            evals = {label: submit("evaluate", f"evaluate {label}", v, f16,
+                                   build.eval_tokenizers(downloads, tok), label, options)
                      for label, v in variants.items()}
             evaluations = {label: fut.result() for label, fut in evals.items()}
             report = submit("report", "report", evaluations, plan.display).result()

@@ -510,26 +510,31 @@ def _eval_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
             "samples_per_category": options["samples_per_category"], "max_tokens": options["max_new_tokens"]}
 
 
-def evaluate_request(variant: Entry, reference: Entry, tokenizers: Sequence[Entry], *, label: str,
+def eval_tokenizers(downloads: Mapping[str, Entry], tokenizer: Entry) -> dict[str, Entry]:
+    """The tokenizers compared on the evaluation text, by report row label: LLaMA's vs the merged one."""
+    return {"LLaMA (base)": downloads["base"], "merged Chinese": tokenizer}
+
+
+def evaluate_request(variant: Entry, reference: Entry, tokenizers: Mapping[str, Entry], *, label: str,
                      options: Mapping[str, Any]) -> StageRequest:
     """Perplexity, KL against the float reference, speed, samples and tokenizer efficiency for one variant.
 
-    ``tokenizers``: entries holding ``tokenizer.model`` (the base's LLaMA tokenizer) or
-    ``tokenizer/tokenizer.model`` (the merged one), compared on the evaluation text.
+    ``tokenizers``: ``{row label: entry}``, entries holding ``tokenizer.model`` (the base's LLaMA
+    tokenizer) or ``tokenizer/tokenizer.model`` (the merged one), compared on the evaluation text.
     """
 
     def produce(tmp: Path) -> dict:
         from .evaluate import evaluate
 
-        toks = [_tokenizer_model(e) for e in tokenizers]
+        toks = {name: _tokenizer_model(e) for name, e in tokenizers.items()}
         report = evaluate(gguf_file(variant), out=tmp, reference=gguf_file(reference), name=label,
-                          tokenizers=[t for t in toks if t is not None], **_eval_kwargs(options))
+                          tokenizers={n: t for n, t in toks.items() if t is not None}, **_eval_kwargs(options))
         _scrub_workfiles(tmp)
         return {"label": label, "ppl": report.variant(label).perplexity.ppl
                 if report.variant(label).perplexity else None}
 
     return StageRequest("evaluate", inputs={"variant": digest(variant), "reference": digest(reference)}
-                        | {f"tokenizer-{i}": digest(e) for i, e in enumerate(tokenizers)},
+                        | {f"tokenizer {name}": digest(e) for name, e in tokenizers.items()},
                         params={"label": label, "options": dict(options)}, produce=produce,
                         label=f"evaluate {label}")
 
@@ -764,7 +769,8 @@ def run_build(spec: BuildSpec, *, store: Store | None = None,
                 publishable[f"{plan.name}-ggml-{q}.bin"] = go(ggml_request(f16, qtype=q, name=plan.name))
         if spec.evaluation.enabled and "gguf" in spec.outputs:
             options = eval_options(spec)
-            evals = {label: go(evaluate_request(v, f16, [downloads["base"], tok], label=label, options=options))
+            evals = {label: go(evaluate_request(v, f16, eval_tokenizers(downloads, tok), label=label,
+                                                     options=options))
                      for label, v in variants.items()}
             publishable["report/"] = go(report_request(evals, title=plan.display))
     published = publish(publishable, plan.out_dir, lock=build_lock(plan, downloads, fingerprints))

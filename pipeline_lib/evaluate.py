@@ -559,18 +559,29 @@ def run_samples(llm, items: Sequence[PromptItem], *, template: chat.PromptTempla
 # ------------------------------------------------------------------ tokenizer efficiency
 
 
-def tokenizer_rows(text: str, *, tokenizers: Sequence[str | Path] = (), llms: Mapping[str, object] = {}
-                   ) -> tuple[TokenizerRow, ...]:
-    """Tokens per text for sentencepiece files and for loaded GGUF vocabularies, counted the same way
-    (line by line, no BOS, as ``pipeline_lib.tokenizer.tokenizer_stats`` does)."""
-    from .tokenizer import tokenizer_stats
+def _named_tokenizers(tokenizers: Sequence[str | Path] | Mapping[str, str | Path]) -> dict[str, str | Path]:
+    """``{label: path}``; a plain sequence is labelled by its folder ("chinese-alpaca-tokenizer/tokenizer.model")."""
+    if isinstance(tokenizers, Mapping):
+        return dict(tokenizers)
 
-    def label(t: str) -> str:  # "chinese-alpaca-tokenizer/tokenizer.model": enough to tell them apart
+    def label(t: str | Path) -> str:
         p = Path(t)
         return f"{p.parent.name}/{p.name}" if p.is_file() else f"{p.name}/tokenizer.model"
 
-    rows = [TokenizerRow(tokenizer=label(st.tokenizer), vocab_size=st.vocab_size, chars=st.chars, tokens=st.tokens,
-                         chars_per_token=st.chars_per_token) for st in tokenizer_stats(text, list(tokenizers))]
+    return {label(t): t for t in tokenizers}
+
+
+def tokenizer_rows(text: str, *, tokenizers: Sequence[str | Path] | Mapping[str, str | Path] = (),
+                   llms: Mapping[str, object] = {}) -> tuple[TokenizerRow, ...]:
+    """Tokens per text for sentencepiece files and for loaded GGUF vocabularies, counted the same way
+    (line by line, no BOS, as ``pipeline_lib.tokenizer.tokenizer_stats`` does). ``tokenizers`` may be
+    a mapping ``{label: path}`` to name the rows."""
+    from .tokenizer import tokenizer_stats
+
+    named = _named_tokenizers(tokenizers)
+    rows = [TokenizerRow(tokenizer=name, vocab_size=st.vocab_size, chars=st.chars, tokens=st.tokens,
+                         chars_per_token=st.chars_per_token)
+            for name, st in zip(named, tokenizer_stats(text, list(named.values())), strict=True)]
     lines = [line for line in text.splitlines() if line]
     chars = sum(len(line) for line in lines)
     for name, llm in llms.items():
@@ -613,7 +624,7 @@ def _plan_inputs(variants: Mapping[str, str | Path], reference: str | Path | Non
     items = load_prompts(prompts) if prompts is not False else None
     if template is not None:
         chat.get_template(template)
-    for t in tokenizers:
+    for t in _named_tokenizers(tokenizers).values():
         p = Path(t)
         if not (p.is_file() or (p / "tokenizer.model").is_file()):
             raise InputError(f"no tokenizer at {t}", fix="pass a tokenizer.model file or a folder holding one")
@@ -633,7 +644,7 @@ def evaluate_variants(
     gen_ctx: int = 2048,
     samples_per_category: int | None = 1,
     max_tokens: int = 128,
-    tokenizers: Sequence[str | Path] = (),
+    tokenizers: Sequence[str | Path] | Mapping[str, str | Path] = (),
     speed: bool = True,
     seed: int = 0,
     threads: int | None = None,

@@ -201,7 +201,7 @@ def ggml(store_root: str, gguf: Entry, qtype: str, name: str) -> Entry:
 
 
 @_stage_task("evaluate", heavy=True, builder=build.evaluate_request)
-def evaluate(store_root: str, variant: Entry, reference: Entry, tokenizers: list[Entry], label: str,
+def evaluate(store_root: str, variant: Entry, reference: Entry, tokenizers: dict[str, Entry], label: str,
              options: dict[str, Any]) -> Entry:
     """Perplexity / KL / speed / samples / tokenizer efficiency for one variant."""
     return _run("evaluate", store_root, heavy=True, variant=variant, reference=reference, tokenizers=tokenizers,

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _measure import run_measured  # noqa: E402  (bench/ is the script's folder)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
@@ -40,17 +42,10 @@ MERGE = ("import sys; from pipeline_lib.merge import merge; "
          "merge(sys.argv[1], sys.argv[2:-1], out=sys.argv[-1])")
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of a child process, reaped with wait4 (per-child RSS)."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as fe:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fe, env=env or os.environ.copy(), cwd=ROOT)
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        if os.waitstatus_to_exitcode(status):
-            fe.seek(0)
-            raise RuntimeError(f"{cmd[:3]} failed: {fe.read().decode()[-3000:]}")
-    return wall, usage.ru_maxrss * 1024
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of a child process."""
+    m = run_measured(cmd, env=env or os.environ.copy(), cwd=ROOT)
+    return m.wall_s, m.rss_bytes
 
 
 def du(path: Path) -> int:
@@ -160,7 +155,7 @@ def main() -> int:
             for _ in range(args.repeat):
                 for c in cleanup:
                     shutil.rmtree(c, ignore_errors=True) if c.is_dir() else c.unlink(missing_ok=True)
-                runs.append(run_measured(cmd, env))
+                runs.append(measure(cmd, env))
             return min(r[0] for r in runs), max(r[1] for r in runs)
 
         out = root / "out"

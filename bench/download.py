@@ -24,12 +24,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _measure import run_measured  # noqa: E402  (bench/ is the script's folder)
 from fakehub import FakeHub  # noqa: E402
 
 REPO = "bench/tiny-llama"
@@ -43,20 +43,10 @@ VERIFY = ("import sys, pathlib; from pipeline_lib.verify import sha256_files; "
           "print(len(sha256_files(fs, progress=False)))")
 
 
-def run_measured(cmd: list[str], env: dict) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of a child process, reaped with wait4 (per-child RSS)."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
-        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t0
-        fo.seek(0)
-        fe.seek(0)
-        out, err = fo.read().decode(), fe.read().decode()
-    if p.returncode:
-        raise RuntimeError(f"{cmd[:3]} failed ({p.returncode}): {err[-2000:]}")
-    return wall, usage.ru_maxrss * 1024, out
+def measure(cmd: list[str], env: dict) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, stdout) of a child process."""
+    m = run_measured(cmd, env=env, cwd=ROOT)
+    return m.wall_s, m.rss_bytes, m.stdout
 
 
 def repo_files(size_mb: float, n: int) -> dict[str, bytes]:
@@ -100,10 +90,10 @@ def main() -> int:
                 env = dict(base_env, HF_HOME=str(home / "hf"), ZHLLAMA_HOME=str(home / "zh"))
                 cmd = [sys.executable, "-c", code, REPO, str(home / "out")]
                 for phase in ("cold", "warm"):
-                    wall, rss, _ = run_measured(cmd, env)
+                    wall, rss, _ = measure(cmd, env)
                     results.setdefault(f"{tool} ({phase})", []).append((wall, rss))
                 if tool.startswith("zhllama"):
-                    wall, rss, _ = run_measured([sys.executable, "-c", VERIFY, str(home / "out")], env)
+                    wall, rss, _ = measure([sys.executable, "-c", VERIFY, str(home / "out")], env)
                     results.setdefault("sha256 of the files alone (our added check)", []).append((wall, rss))
                 shutil.rmtree(home, ignore_errors=True)
     finally:

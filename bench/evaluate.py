@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _measure import run_measured  # noqa: E402  (bench/ is the script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,15 +63,10 @@ def worker(route: str, model: str, n_ctx: int, n_chunks: int) -> None:
     print(json.dumps({"ppl": ppl, "scored": scored, "seconds": time.perf_counter() - t0}))
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int, dict]:
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    out, err = p.stdout.read().decode(), p.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"{cmd} failed: {err[-2000:]}")
-    return wall, usage.ru_maxrss * 1024, json.loads(out.strip().splitlines()[-1])
+def measure(cmd: list[str]) -> tuple[float, int, dict]:
+    """(wall seconds, peak RSS bytes, the JSON the child printed last)."""
+    m = run_measured(cmd)
+    return m.wall_s, m.rss_bytes, json.loads(m.stdout.strip().splitlines()[-1])
 
 
 def build_model(tmp: Path, hidden: int, layers: int) -> Path:
@@ -113,7 +108,7 @@ def main() -> int:
             for route in ("naive", "zhllama"):
                 cmd = [sys.executable, __file__, "--worker", route, "--model", model, "--ctx", str(args.ctx),
                        "--chunks", str(args.chunks)]
-                run = run_measured(cmd)
+                run = measure(cmd)
                 if route not in rows or run[0] < rows[route][0]:
                     rows[route] = run
     rows = {k: rows[k] for k in ("zhllama", "naive")}

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+
+from _measure import run_measured  # noqa: E402  (bench/ is the script's folder)
 
 CHILD = r"""
 import json, sys, time
@@ -57,21 +58,11 @@ else:
 
 
 def run_child(mode: str, env: dict, no_eval: bool) -> tuple[dict, float, int]:
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
-        p = subprocess.Popen([sys.executable, "-c", CHILD, mode, "1" if no_eval else "0"], stdout=fo, stderr=fe,
-                             env=env, cwd=ROOT)
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        fo.seek(0)
-        fe.seek(0)
-        if os.waitstatus_to_exitcode(status):
-            raise RuntimeError(f"{mode} run failed:\n{fe.read().decode()[-4000:]}")
-        lines = fo.read().decode().strip().splitlines()
-        if not lines:
-            raise RuntimeError(f"{mode} run printed nothing:\n{fe.read().decode()[-4000:]}")
-        out = lines[-1]
-    return json.loads(out), wall, usage.ru_maxrss * 1024
+    m = run_measured([sys.executable, "-c", CHILD, mode, "1" if no_eval else "0"], env=env, cwd=ROOT)
+    lines = m.stdout.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"{mode} run printed nothing:\n{m.stderr[-4000:]}")
+    return json.loads(lines[-1]), m.wall_s, m.rss_bytes
 
 
 def task_times(flow_run_id: str) -> dict[str, float]:

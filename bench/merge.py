@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _measure import run_measured  # noqa: E402  (bench/ is the script's folder)
+
 FULL_LAYERS = 32
 TOOLS = ("ours", "peft", "shards")
 
@@ -143,19 +145,14 @@ def run_tool(tool: str, spec: dict, out: Path) -> dict:
     """Run one tool in a fresh interpreter; wall time and that child's own peak RSS."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, ZHLLAMA_PROGRESS="0", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", tool, "--spec", json.dumps(spec),
-                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    m = run_measured([sys.executable, __file__, "--worker", tool, "--spec", json.dumps(spec), "--out", str(out)],
+                     env=env, check=False)
     out_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0
     shutil.rmtree(out, ignore_errors=True)
-    if proc.returncode != 0:
-        return {"tool": tool, "ok": False, "error": err.strip().splitlines()[-1:] or ["?"]}
-    return {"tool": tool, "ok": True, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "rss_mb": usage.ru_maxrss / 1024, "out_mb": out_bytes / 1e6}
+    if m.returncode != 0:
+        return {"tool": tool, "ok": False, "error": m.stderr.strip().splitlines()[-1:] or ["?"]}
+    return {"tool": tool, "ok": True, "wall_s": m.wall_s, "cpu_s": m.cpu_s,
+            "rss_mb": m.rss_bytes / 1024 / 1024, "out_mb": out_bytes / 1e6}
 
 
 def best_of(runs: list[dict]) -> dict:

@@ -15,22 +15,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from _measure import run_measured  # noqa: E402  (bench/ is the script's folder)
 
-def run_measured(cmd: list[str]) -> tuple[float, int, str]:
+
+def measure(cmd: list[str]) -> tuple[float, int, str]:
     """(wall seconds, peak RSS bytes, stdout) of a command run as a child process."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    out = p.stdout.read().decode()
-    err = p.stderr.read().decode()
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {err[-2000:]}")
-    return wall, usage.ru_maxrss * 1024, out
+    m = run_measured(cmd)
+    return m.wall_s, m.rss_bytes, m.stdout
 
 
 def make_file(path: Path, size: int) -> None:
@@ -68,7 +61,7 @@ def main() -> int:
         digests = {}
         for _ in range(args.repeat):
             for name, cmd in (("zhllama verify", ours_cmd), ("sha256sum", theirs_cmd)):
-                wall, rss, out = run_measured(cmd)
+                wall, rss, out = measure(cmd)
                 results[name].append((wall, rss))
                 digests[name] = sorted(line.split()[0] for line in out.splitlines())
         if digests["zhllama verify"] != digests["sha256sum"]:

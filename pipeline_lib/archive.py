@@ -24,13 +24,12 @@ import posixpath
 import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .fsutil import TMP_PREFIX, check_disk_space, fsync_dir, human_bytes
+from .fsutil import atomic_dir, check_disk_space, human_bytes
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 DEFAULT_MAX_BYTES = 512 * 10**9  # the largest release archive is ~60 GB; this only stops bombs
@@ -250,21 +249,9 @@ def extract_archive(archive: str | os.PathLike[str], *, out: str | os.PathLike[s
             raise InputError(f"output folder {out} already holds {', '.join(clash[:5])}",
                              expected="an empty or new output folder",
                              fix="remove those entries or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + out.name + ".", dir=out.parent))
     written: list[str] = []
-    try:
+    with atomic_dir(out, merge=True) as tmp:
         _extract_into(plan, tmp, written)
-        if out.is_dir():
-            for entry in sorted(tmp.iterdir()):
-                os.replace(entry, out / entry.name)
-            tmp.rmdir()
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExtractResult(archive=archive, out=out, files=tuple(out / n for n in written),
                          total_bytes=plan.total_bytes)
 

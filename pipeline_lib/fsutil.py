@@ -88,12 +88,13 @@ def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike[str], *, replace: bool = False) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike[str], *, replace: bool = False, merge: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; rename it to ``target`` on success.
 
     Files written inside should still be fsynced by their writer (``atomic_write`` does it).
     If ``target`` exists it is an error unless ``replace`` is true, in which case the old
-    directory is swapped out only after the new one is complete.
+    directory is swapped out only after the new one is complete, or ``merge`` is true, in which
+    case each top-level entry is renamed into it (the caller checks that none clashes).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,11 @@ def atomic_dir(target: str | os.PathLike[str], *, replace: bool = False) -> Iter
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
-        if target.exists():
+        if target.is_dir() and merge:
+            for entry in sorted(tmp.iterdir()):
+                os.replace(entry, target / entry.name)
+            tmp.rmdir()
+        elif target.exists():
             if not replace:
                 raise FileExistsError(f"{target} already exists")
             old = target.with_name(TMP_PREFIX + target.name + ".old")

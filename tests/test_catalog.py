@@ -71,7 +71,7 @@ def test_unknown_name_is_a_clear_error():
 
 
 def test_cli_table_and_detail(capsys):
-    from pipeline_lib.cli import main
+    from flows.cli.main import main
 
     assert main(["catalog"]) == 0
     out = capsys.readouterr().out

@@ -82,7 +82,7 @@ def test_history_that_does_not_fit_drops_the_oldest_turns(eval_models):  # noqa:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline_lib.cli", *args]
+    return [sys.executable, "-m", "flows.cli", *args]
 
 
 def test_generate_one_shot_matches_the_library(eval_models):  # noqa: F811

@@ -267,7 +267,7 @@ def test_cli_subprocess(files, tmp_path):
         env = dict(os.environ, HF_ENDPOINT=h.url, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"),
                    ZHLLAMA_PROGRESS="0", HF_HUB_VERBOSITY="debug")
         lock = tmp_path / "lock.json"
-        cmd = [sys.executable, "-m", "pipeline_lib.cli", "-vv", "download", "hf://tester/gated",
+        cmd = [sys.executable, "-m", "flows.cli", "-vv", "download", "hf://tester/gated",
                "--out", str(tmp_path / "out"), "--include", "*.bin", "--include", "*.json", "--lock", str(lock)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 0, proc.stderr
@@ -278,7 +278,7 @@ def test_cli_subprocess(files, tmp_path):
         assert json.loads(lock.read_text())["commit"] == h.head("tester/gated")
         for text in (proc.stdout, proc.stderr, lock.read_text()):
             assert TOKEN not in text
-        bad = subprocess.run([sys.executable, "-m", "pipeline_lib.cli", "download", "tester/nope", "--out",
+        bad = subprocess.run([sys.executable, "-m", "flows.cli", "download", "tester/nope", "--out",
                               str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=120)
         print(bad.stderr)
         assert bad.returncode == 1 and "error: hub repo tester/nope not found" in bad.stderr

@@ -220,7 +220,7 @@ def test_reference_copy_in_variants_is_not_evaluated_twice(eval_models, tmp_path
 
 
 def test_cli_eval(eval_models, tmp_path, capsys):  # noqa: F811
-    from pipeline_lib.cli import main
+    from flows.cli.main import main
 
     out = tmp_path / "cli-out"
     rc = main(["eval", str(eval_models.alpaca_q4_0), "--reference", str(eval_models.alpaca_f16), "--out", str(out),

@@ -83,7 +83,7 @@ def test_deployments_yaml_is_in_sync_with_the_catalog():
 
 
 def test_run_shorthand_names_the_deployment_like_prefect():
-    from pipeline_lib.commands.flow import deployment_name
+    from flows.cli.flow import deployment_name
 
     assert deployment_name("build-alpaca-plus-7b") == "build-model/build-alpaca-plus-7b"
     assert deployment_name("alpaca-plus-7b") == "build-model/build-alpaca-plus-7b"

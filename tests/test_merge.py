@@ -304,7 +304,7 @@ def test_existing_output_refused(rel, chain, tmp_path):
 
 
 def test_cli_merge(rel, chain, tmp_path, capsys):
-    from pipeline_lib.cli import main
+    from flows.cli.main import main
 
     out = tmp_path / "cli-out"
     rc = main(["merge", "--base", str(rel.base_hf), "--lora", str(chain[0]), "--lora", str(chain[1]),

@@ -148,7 +148,7 @@ def test_gc_removes_damaged_and_leftovers_and_requested(tmp_path):
 
 
 def test_cache_cli(tmp_path, capsys, monkeypatch):
-    from pipeline_lib.cli import main
+    from flows.cli.main import main
 
     monkeypatch.setenv("ZHLLAMA_HOME", str(tmp_path))
     Store().get_or_produce("merge", version="1", inputs={"x": "1"}, produce=_produce_files)

@@ -165,7 +165,7 @@ def test_garbage_input_is_a_clear_error_and_writes_nothing(sp_models, tmp_path):
 
 
 def test_cli_merge_and_stats(sp_models, tmp_path):
-    from pipeline_lib.cli import main
+    from flows.cli.main import main
 
     out = tmp_path / "cli"
     assert main(["tokenizer", "merge", "--llama-tokenizer", str(sp_models.llama_model.parent),

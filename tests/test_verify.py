@@ -86,7 +86,7 @@ def test_missing_file(tmp_path):
 
 
 def test_cli(files, tmp_path, capsys):
-    from pipeline_lib.cli import main
+    from flows.cli.main import main
 
     sums = tmp_path / "SUMS"
     sums.write_text("".join(f"{d} *{p.name}\n" for p, d in files.items()))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .. import catalog
-from ..fsutil import human_bytes
+from pipeline_lib import catalog
+from pipeline_lib.fsutil import human_bytes
 
 
 def register(sub) -> None:

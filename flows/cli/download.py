@@ -6,8 +6,8 @@ import re
 import sys
 from pathlib import Path
 
-from ..errors import InputError
-from ..fsutil import human_bytes, write_text_atomic
+from pipeline_lib.errors import InputError
+from pipeline_lib.fsutil import human_bytes, write_text_atomic
 
 _SHA_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -45,7 +45,7 @@ def _expected(items: list[str]) -> dict[str, str]:
 
 
 def run(args) -> int:
-    from ..download import download
+    from pipeline_lib.download import download
 
     result = download(args.source, out=args.out, revision=args.revision, include=args.include,
                       expected=_expected(args.sha256))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..fsutil import human_bytes
-from ..verify import verify
+from pipeline_lib.fsutil import human_bytes
+from pipeline_lib.verify import verify
 
 
 def register(sub) -> None:

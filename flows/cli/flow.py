@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, ZhllamaError
+from pipeline_lib.errors import InputError, ZhllamaError
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 WORK_POOL = "zhllama-process"
@@ -101,7 +101,7 @@ def _print_stages(rows: list[dict[str, Any]], out_dir: str) -> None:
 def _spec_from(model: str, args: argparse.Namespace, *, base: dict | None = None):
     from pydantic import ValidationError
 
-    from ..buildspec import BuildSpec
+    from pipeline_lib.buildspec import BuildSpec
 
     data: dict[str, Any] = dict(base or {})
     data["model"] = model
@@ -126,7 +126,7 @@ def _spec_from(model: str, args: argparse.Namespace, *, base: dict | None = None
 
 def _run_spec(spec, *, no_prefect: bool) -> dict[str, Any]:
     if no_prefect:
-        from ..build import run_build
+        from pipeline_lib.build import run_build
 
         result = run_build(spec, on_stage=lambda s: print(f"  {s.label}: {'cache hit' if s.cached else 'computed'}"
                                                            f" ({s.seconds:.1f}s)", flush=True))
@@ -142,7 +142,7 @@ def _run_spec(spec, *, no_prefect: bool) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import demo_spec
+    from pipeline_lib.demo import demo_spec
 
     spec = demo_spec(out_dir=args.out, evaluation=not args.no_eval)
     print(f"zhllama demo: building {spec.model} (synthetic Chinese-Alpaca-Plus: base + LLaMA-Plus LoRA + "

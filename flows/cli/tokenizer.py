@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
-from ..tokenizer import TokenizerKind, merge_tokenizers, tokenizer_stats
+from pipeline_lib.errors import InputError
+from pipeline_lib.tokenizer import TokenizerKind, merge_tokenizers, tokenizer_stats
 
 
 def register(sub) -> None:
@@ -26,7 +26,7 @@ def register(sub) -> None:
 def run_merge(args) -> int:
     kind = TokenizerKind.ALPACA if args.alpaca else TokenizerKind.LLAMA
     res = merge_tokenizers(args.llama_tokenizer, args.chinese_sp, out=args.out, kind=kind)
-    from ..catalog import identify
+    from pipeline_lib.catalog import identify
 
     official = identify(res.sha256)
     print(f"{res.tokenizer_model}: {res.llama_pieces} + {res.added_pieces} = {res.total_pieces} pieces "

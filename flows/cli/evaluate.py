@@ -40,8 +40,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..errors import InputError
-    from ..evaluate import evaluate_variants, model_facts, variant_name
+    from pipeline_lib.errors import InputError
+    from pipeline_lib.evaluate import evaluate_variants, model_facts, variant_name
 
     if args.name and len(args.name) != len(args.models):
         raise InputError(f"{len(args.name)} --name for {len(args.models)} models",

@@ -1,6 +1,6 @@
 """The ``zhllama`` command line: one subcommand per stage plus build/demo/run/server.
 
-Each subcommand lives in ``pipeline_lib/commands/<module>.py`` and exposes
+Each subcommand lives in ``flows/cli/<module>.py`` and exposes
 ``register(subparsers) -> None``; the parser it adds sets ``func(args) -> int``.
 Modules are imported lazily per subcommand so ``zhllama --help`` stays fast (no torch import).
 """
@@ -12,10 +12,10 @@ import importlib
 import logging
 import sys
 
-from . import __version__
-from .errors import ZhllamaError
+from pipeline_lib import __version__
+from pipeline_lib.errors import ZhllamaError
 
-# subcommand name -> module under pipeline_lib.commands (a table, not an if-chain)
+# subcommand name -> module under flows.cli (a table, not an if-chain)
 COMMANDS: dict[str, str] = {
     "catalog": "catalog",
     "cache": "cache",
@@ -55,9 +55,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     wanted = _module_for(argv if argv is not None else sys.argv[1:])
     for module in wanted:
         try:
-            mod = importlib.import_module(f"pipeline_lib.commands.{module}")
+            mod = importlib.import_module(f"flows.cli.{module}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"pipeline_lib.commands.{module}":
+            if exc.name == f"flows.cli.{module}":
                 continue  # stage not built yet
             raise
         mod.register(sub)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from ..fsutil import human_bytes
-from ..store import Store
+from pipeline_lib.fsutil import human_bytes
+from pipeline_lib.store import Store
 
 
 def register(sub) -> None:

@@ -40,7 +40,7 @@ def register(sub) -> None:
 
 
 def _open(args):
-    from .. import chat
+    from pipeline_lib import chat
 
     template = chat.get_template(args.template) if args.template else chat.detect_template(args.model)
     n_ctx = args.ctx

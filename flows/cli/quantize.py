@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from .. import fsutil
+from pipeline_lib import fsutil
 
 
 def register(subparsers) -> None:
-    from ..quantize import QUANT_TYPES
+    from pipeline_lib.quantize import QUANT_TYPES
 
     p = subparsers.add_parser(
         "quantize",
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..quantize import quantize
+    from pipeline_lib.quantize import quantize
 
     r = quantize(args.input, qtypes=args.types, out_dir=args.out_dir, threads=args.threads)
     print(f"quantized {r.source} ({fsutil.human_bytes(r.source_bytes)})")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .. import fsutil
-from ..errors import InputError
+from pipeline_lib import fsutil
+from pipeline_lib.errors import InputError
 
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 GGML_OUTTYPES = ("f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
@@ -43,7 +43,7 @@ def _source(args: argparse.Namespace):
             raise InputError("both MODEL_DIR and --base/--lora given", fix="give a model folder, or --base with --lora")
         if not args.base or not args.lora:
             raise InputError("--base and --lora go together", fix="zhllama convert --base BASE --lora LORA --out F.gguf")
-        from ..merge import plan_merge
+        from pipeline_lib.merge import plan_merge
 
         plan = plan_merge(args.base, args.lora, dtype=args.dtype)
         return plan, plan.describe()
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if name is None:
         name = Path(args.model).name if args.model else Path(args.lora[-1]).name
     if args.format == "ggml":
-        from ..ggml_legacy import LEGACY_TYPES, export_ggml
+        from pipeline_lib.ggml_legacy import LEGACY_TYPES, export_ggml
 
         qtype = args.outtype or "f16"
         if qtype not in LEGACY_TYPES:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {r.path} (ggjt v3, {r.qtype}, {r.n_tensors} tensors, vocab {r.n_vocab}, "
               f"{fsutil.human_bytes(r.file_bytes)}) in {r.seconds:.1f} s")
         return 0
-    from ..gguf_export import OUTTYPES, convert
+    from pipeline_lib.gguf_export import OUTTYPES, convert
 
     outtype = args.outtype or "f16"
     if outtype not in OUTTYPES:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import fsutil
+from pipeline_lib import fsutil
 
 
 def register(subparsers) -> None:
@@ -32,8 +32,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..merge import merge, plan_merge
-    from ..progress import bar
+    from pipeline_lib.merge import merge, plan_merge
+    from pipeline_lib.progress import bar
 
     # "--lora a,b" as the release's script took it, or "--lora a --lora b"
     # (a path that exists is never split, even if it has a comma in it)

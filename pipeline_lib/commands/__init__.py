@@ -1,1 +1,0 @@
-"""Subcommands of ``zhllama``; each module has ``register(subparsers)``. See ``pipeline_lib.cli``."""

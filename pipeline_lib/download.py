@@ -162,6 +162,22 @@ def parse_source(text: str, *, revision: str | None = None) -> Source:
                      fix="check the spelling, or the path if you meant a local file")
 
 
+def resolve_hub_revision(repo: str, revision: str | None) -> str:
+    """The commit sha a hub revision points at now (a commit sha is returned as is)."""
+    rev = revision or "main"
+    if _COMMIT_RE.match(rev):
+        return rev
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(repo, revision=rev).sha
+    except Exception as exc:  # network down, unknown repo or revision, gated repo without a token
+        raise InputError(f"cannot resolve {repo}@{rev} on the hub ({type(exc).__name__}: {exc})",
+                         expected="a reachable hub repo and revision",
+                         fix="check the network / HF_ENDPOINT / HF_TOKEN, or give a local folder as the source "
+                             "(zhllama build MODEL --base DIR --lora DIR ...)") from exc
+
+
 def hf_cache_dir() -> Path:
     """The HF hub cache, read from the environment *now* (HF_HUB_CACHE, then HF_HOME/hub)."""
     if os.environ.get("HF_HUB_CACHE"):

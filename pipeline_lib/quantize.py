@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,10 +145,34 @@ def quantize_one(src: Path, out: Path, qtype: str, *, threads: int | None = None
                              fix="check the input with `zhllama convert` again; run with -vv to see llama.cpp's log")
 
 
+def quantize_file(src: Path, *, qtype: str, out: Path, threads: int | None = None, n_params: int | None = None,
+                  on_progress: Callable[[str, int, int], None] | None = None) -> QuantizedFile:
+    """One quantization of the checked GGUF ``src`` to the file ``out`` (atomic), with a progress bar."""
+    t0 = time.perf_counter()
+    with bar(None, f"quantize {qtype}", unit="tensor") as pbar:
+        def on_tensor(i: int, n: int) -> None:
+            pbar.total = n
+            pbar.n = i
+            pbar.refresh()
+            if on_progress is not None:
+                on_progress(qtype, i, n)
+
+        quantize_one(src, out, qtype, threads=threads, on_tensor=on_tensor)
+    if n_params is None:
+        n_params, _ = gguf_stats(src)
+    _, tensor_bytes = gguf_stats(out)
+    res = QuantizedFile(qtype=qtype, path=out, file_bytes=out.stat().st_size, n_params=n_params,
+                        bits_per_weight=tensor_bytes * 8 / n_params, seconds=time.perf_counter() - t0)
+    log.info("%s: %s, %.2f bits per weight", out, human_bytes(res.file_bytes), res.bits_per_weight)
+    return res
+
+
 def quantize(gguf_path: str | os.PathLike[str], *, qtypes: Sequence[str], out_dir: str | os.PathLike[str],
-             threads: int | None = None, on_progress: Callable[[str, int, int], None] | None = None,
-             ) -> QuantizeResult:
+             names: Mapping[str, str] | None = None, threads: int | None = None,
+             on_progress: Callable[[str, int, int], None] | None = None) -> QuantizeResult:
     """Quantize ``gguf_path`` once per type in ``qtypes`` into ``out_dir`` (one file per type).
+
+    Each output is named ``names[qtype]`` when given, else ``output_name(gguf_path, qtype)``.
 
     All types are checked, and the disk space for all outputs, before the first one starts.
     ``on_progress(qtype, tensors_done, tensors_total)`` follows llama.cpp's per-tensor progress.
@@ -169,22 +193,6 @@ def quantize(gguf_path: str | os.PathLike[str], *, qtypes: Sequence[str], out_di
     need = sum(int(n_params * _PLAN_BPW[q] / 8) for q in types) + src.stat().st_size - src_tensor_bytes
     out_dir.mkdir(parents=True, exist_ok=True)
     check_disk_space(out_dir, need, what=f"{len(types)} quantized file(s)")
-    outputs = []
-    for q in types:
-        out = out_dir / output_name(src, q)
-        t0 = time.perf_counter()
-        with bar(None, f"quantize {q}", unit="tensor") as pbar:
-            def on_tensor(i: int, n: int, q=q, pbar=pbar) -> None:
-                pbar.total = n
-                pbar.n = i
-                pbar.refresh()
-                if on_progress is not None:
-                    on_progress(q, i, n)
-
-            quantize_one(src, out, q, threads=threads, on_tensor=on_tensor)
-        _, tensor_bytes = gguf_stats(out)
-        res = QuantizedFile(qtype=q, path=out, file_bytes=out.stat().st_size, n_params=n_params,
-                            bits_per_weight=tensor_bytes * 8 / n_params, seconds=time.perf_counter() - t0)
-        log.info("%s: %s, %.2f bits per weight", out, human_bytes(res.file_bytes), res.bits_per_weight)
-        outputs.append(res)
+    outputs = [quantize_file(src, qtype=q, out=out_dir / ((names or {}).get(q) or output_name(src, q)), threads=threads, n_params=n_params,
+                             on_progress=on_progress) for q in types]
     return QuantizeResult(source=src, source_bytes=src.stat().st_size, outputs=tuple(outputs))

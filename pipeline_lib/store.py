@@ -46,8 +46,12 @@ def default_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "zhllama"
 
 
-def canonical_json(value: Any) -> str:
-    """Stable JSON for hashing: sorted keys, no whitespace, paths and tuples normalised."""
+def canonical_json(value: Any, *, default: Callable[[Any], Any] | None = None) -> str:
+    """Stable JSON for hashing: sorted keys, no whitespace, paths and tuples normalised.
+
+    ``default`` turns any other object into JSON (``str`` for a readable summary); without it
+    such an object is a TypeError, as for json.dumps.
+    """
     def norm(v: Any) -> Any:
         if isinstance(v, Mapping):
             return {str(k): norm(x) for k, x in v.items()}
@@ -59,7 +63,7 @@ def canonical_json(value: Any) -> str:
             return v.value
         return v
 
-    return json.dumps(norm(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(norm(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=default)
 
 
 @dataclass(frozen=True)

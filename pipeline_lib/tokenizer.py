@@ -205,3 +205,87 @@ def tokenizer_stats(text: str, tokenizers: list[str | Path]) -> list[TokenizerSt
         chars = sum(len(line) for line in text.splitlines() if line)
         out.append(TokenizerStats(tokenizer=str(t), vocab_size=sp.get_piece_size(), chars=chars, tokens=n))
     return out
+
+
+# ---------------------------------------------------------------- the build's tokenizer
+
+
+# What a LoRA folder of the release ships beside its tokenizer.model (copied when nothing is merged).
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                                    "added_tokens.json")
+
+
+def kind_of(model: str | Path) -> TokenizerKind:
+    """Which published tokenizer a sentencepiece model is: Alpaca's ends with ``[PAD]``."""
+    proto = load_proto(model)
+    return TokenizerKind.ALPACA if proto.pieces[len(proto.pieces) - 1].piece == PAD_PIECE else TokenizerKind.LLAMA
+
+
+@dataclass(frozen=True)
+class TokenizerCheck:
+    """The build's tokenizer and how it compares with the tokenizer each LoRA ships."""
+
+    out_dir: Path
+    kind: TokenizerKind
+    merged: bool  # made by the merge (False: copied from the last LoRA, nothing to merge from)
+    loras: tuple[dict, ...]  # per LoRA: lora, kind, pieces, shipped_sha256, merged_sha256, status
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind.value, "merged": self.merged, "loras": [dict(r) for r in self.loras]}
+
+
+def build_tokenizer(llama_tokenizer: str | Path, *, loras: list[Path], chinese_sp: Path | None,
+                    kind: TokenizerKind | str, out: str | Path) -> TokenizerCheck:
+    """The tokenizer a build ships, checked byte for byte against the one every LoRA folder ships.
+
+    With ``chinese_sp``: both published tokenizers are merged from LLaMA's and ``chinese_sp`` and
+    each LoRA's shipped ``tokenizer.model`` must equal the merged one of its kind (IntegrityError
+    otherwise: a base that is not the original LLaMA, or a LoRA folder that is not the release's);
+    ``out`` gets the merged tokenizer of ``kind``. Without it, ``out`` gets the last LoRA's
+    tokenizer files and each row says 'not merged'.
+    """
+    from tempfile import TemporaryDirectory
+
+    from .errors import IntegrityError
+    from .fsutil import sha256_file
+
+    kind = TokenizerKind(kind)
+    out = Path(out)
+    rows: list[dict] = []
+    with TemporaryDirectory(prefix=".tmp-tokenizer-", dir=out.parent) as work:
+        merged: dict[TokenizerKind, TokenizerMergeResult] = {}
+        if chinese_sp is not None:
+            merged = {k: merge_tokenizers(llama_tokenizer, chinese_sp, out=Path(work) / k.value, kind=k)
+                      for k in TokenizerKind}
+        for i, lora in enumerate(loras):
+            shipped = Path(lora) / "tokenizer.model"
+            if not shipped.is_file():
+                rows.append({"lora": i, "kind": None, "status": "no tokenizer shipped"})
+                continue
+            lkind = kind_of(shipped)
+            row = {"lora": i, "kind": lkind.value, "pieces": piece_count(shipped), "shipped_sha256": sha256_file(shipped)}
+            if merged:
+                row["merged_sha256"] = merged[lkind].sha256
+                row["status"] = "identical" if row["merged_sha256"] == row["shipped_sha256"] else "DIFFERENT"
+            else:
+                row["status"] = "not merged (no chinese_sp source)"
+            rows.append(row)
+        bad = next((r for r in rows if r.get("status") == "DIFFERENT"), None)
+        if bad is not None:
+            raise IntegrityError(
+                f"the tokenizer merged from LLaMA's and chinese_sp.model differs from the one LoRA {bad['lora']} "
+                f"ships ({bad['kind']}: merged {bad['merged_sha256'][:16]}…, shipped {bad['shipped_sha256'][:16]}…)",
+                expected="byte-identical tokenizers (the release's merge is deterministic)",
+                fix="check that the base is the original LLaMA (its tokenizer.model) and the LoRAs are the release's")
+        with atomic_dir(out, replace=True) as tmp:
+            if merged:
+                for p in merged[kind].out_dir.iterdir():
+                    write_bytes_atomic(tmp / p.name, p.read_bytes())
+            else:
+                if not loras:
+                    raise InputError("no tokenizer to build: no chinese_sp.model source and no LoRA",
+                                     fix="give a chinese_sp source or at least one LoRA folder with its tokenizer")
+                for name in TOKENIZER_FILES:
+                    if (Path(loras[-1]) / name).is_file():
+                        write_bytes_atomic(tmp / name, (Path(loras[-1]) / name).read_bytes())
+    return TokenizerCheck(out_dir=out, kind=kind, merged=bool(merged), loras=tuple(rows))

@@ -6,8 +6,9 @@
 #   docker run --rm -e PREFECT_API_URL=http://prefect:4200/api -v zhllama-cache:/cache zhllama
 #
 # The artifact store, the Hugging Face cache and published builds live on the /cache volume, so
-# a rebuild in a new container is all cache hits. Deploy from inside the image (entrypoints are
-# relative to /app):  docker run ... zhllama prefect deploy --all --prefect-file deployments/prefect.yaml
+# a rebuild in a new container is all cache hits. Deployment entrypoints are module paths of the
+# installed package (flows.build.build_model), so the worker needs no source folder. Deploy from
+# inside the image:  docker run ... zhllama zhllama server --no-worker   (or prefect deploy --all ...)
 
 ARG PYTHON_VERSION=3.11
 ARG TORCH_VERSION=2.13.0
@@ -42,7 +43,8 @@ COPY pyproject.toml README.md ./
 COPY pipeline_lib ./pipeline_lib
 COPY tasks ./tasks
 COPY flows ./flows
-RUN pip install . && python -c "import llama_cpp, pipeline_lib, flows.build, tasks.stages"
+COPY deployments ./deployments
+RUN pip install . && python -c "import llama_cpp, pipeline_lib, flows.build, flows.cli.main, tasks.stage, deployments"
 
 # ---------------------------------------------------------------- runtime: no compilers, non-root
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
@@ -56,13 +58,7 @@ RUN apt-get update \
 
 COPY --from=build /opt/venv /opt/venv
 
-WORKDIR /app
-# Flow sources and the deployments file: deployment entrypoints (flows/build.py:build_model) are
-# resolved relative to this folder.
-COPY --chown=zhllama:zhllama flows ./flows
-COPY --chown=zhllama:zhllama tasks ./tasks
-COPY --chown=zhllama:zhllama pipeline_lib ./pipeline_lib
-COPY --chown=zhllama:zhllama deployments ./deployments
+WORKDIR /home/zhllama
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

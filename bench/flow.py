@@ -3,7 +3,7 @@
 Usage: python bench/flow.py [--no-eval] [--dir /tmp] [--keep]
 
 The alternative a user would pick instead of an orchestrator is a plain script calling the stages
-in order: that is ``pipeline_lib.build.run_build`` (same stage functions, same artifact store,
+in order: that is the plain executor ``pipeline_lib.pipeline.run_build`` (same stage functions, same artifact store,
 same cache keys). Each run happens in its own process (wall time and peak RSS from wait4):
 
 * cold: empty artifact store (the synthetic demo sources are prepared beforehand, untimed);
@@ -36,7 +36,8 @@ CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 mode, no_eval = sys.argv[1], sys.argv[2] == "1"
-from pipeline_lib import build, demo
+from pipeline_lib import demo
+from pipeline_lib.pipeline import run_build
 spec = demo.demo_spec(evaluation=not no_eval)
 if mode == "prepare":
     from pipeline_lib.store import default_root
@@ -44,7 +45,7 @@ if mode == "prepare":
     print(json.dumps({}))
 elif mode == "seq":
     t1 = time.perf_counter()
-    r = build.run_build(spec)
+    r = run_build(spec)
     print(json.dumps({"import_s": t1 - t0, "run_s": time.perf_counter() - t1,
                       "stages": [{"label": s.label, "seconds": s.seconds, "cached": s.cached} for s in r.stages]}))
 else:
@@ -53,7 +54,8 @@ else:
     state = build_model(spec, return_state=True)
     res = state.result()
     print(json.dumps({"import_s": t1 - t0, "run_s": time.perf_counter() - t1,
-                      "flow_run_id": str(state.state_details.flow_run_id), "stages": res["stages"]}))
+                      "flow_run_id": str(state.state_details.flow_run_id),
+                      "stages": [s.to_json() for s in res.stages]}))
 """
 
 

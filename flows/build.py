@@ -1,104 +1,60 @@
-"""The ``build-model`` flow: one catalog model (or the demo) from sources to evaluated GGUF files.
+"""The ``build-model`` flow: the Prefect executor of the build graph.
 
-DAG (each box a task from ``tasks.stages``; caching, isolation and results in the artifact store)::
+It walks the same ``pipeline_lib.pipeline.build_graph(plan)`` as the plain executor
+(``pipeline_lib.pipeline.run_build``) and submits one task per node: the generic stage task,
+named by its stage and labelled by the node (``quantize q4_0``), with the upstream futures
+passed straight in, so Prefect runs each node as soon as its inputs exist (downloads in
+parallel, quantizations in parallel) and draws the graph in the UI. Caching, locks and result
+records come from ``tasks.cache``. It returns the same ``BuildResult`` as the plain executor.
 
-    download × sources (parallel) → verify → tokenizer → [merge hf/pth] → gguf (one pass without a
-    checkpoint) → quantize × types (parallel) / ggml × types → evaluate × variants (parallel)
-    → report → publish + artifacts
-
-Deployments: ``build-model/build-<model>`` (see deployments/prefect.yaml); ``zhllama run``.
+Deployments: ``build-model/build-<model>`` (deployments/prefect.yaml); ``zhllama run``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.futures import wait
 
-from pipeline_lib import build
 from pipeline_lib.buildspec import BuildSpec
+from pipeline_lib.pipeline import BuildResult, StageRun, build_graph, plan_build, resolve_deps
+from pipeline_lib.pipeline.execute import prepared_inputs
 from pipeline_lib.store import default_root
-from tasks import stages
-from tasks._cache import cache_options
-
-STAGE_TASKS = ("download", "verify", "tokenizer", "merge", "gguf", "quantize", "ggml", "evaluate", "report")
-
-
-def _state_name(future) -> str:
-    future.wait()
-    return future.state.name
+from tasks.stage import for_node, post_artifacts, publish_task
 
 
 @flow(name="build-model", description="Download, verify, merge, convert, quantize and evaluate one model.",
-      validate_parameters=True)
-def build_model(spec: BuildSpec) -> dict[str, Any]:
-    """Build one model. Returns {'out_dir', 'published', 'stages': [{label, stage, state, cached, key}]}."""
+      validate_parameters=True, persist_result=False)
+def build_model(spec: BuildSpec) -> BuildResult:
+    """Build one model: every stage of its graph as a task, then publish and post artifacts."""
     logger = get_run_logger()
+    t_start = time.perf_counter()
     store_root = str(default_root())
-    plan = build.plan_build(spec, store_root=store_root)
-    opts = cache_options(store_root)
-    t = {name: getattr(stages, name).with_options(**opts) for name in STAGE_TASKS}
-    logger.info("building %s (%s) into %s; artifact store %s", plan.name, plan.display, plan.out_dir, store_root)
-
-    runs: list[tuple[str, Any]] = []  # (label, future)
-
-    def submit(name: str, label: str, *args: Any, wait_for=None, **kwargs: Any):
-        fut = t[name].with_options(task_run_name=label).submit(store_root, *args, wait_for=wait_for, **kwargs)
-        runs.append((label, fut))
-        return fut
-
-    fingerprints = {ref.role: build.source_fingerprint(ref) for ref in plan.sources}
-    dl = {ref.role: submit("download", f"download {ref.role}", ref, fingerprints[ref.role]) for ref in plan.sources}
-    downloads = {role: f.result() for role, f in dl.items()}
-    verified = submit("verify", "verify", downloads, {ref.role: ref.sha256 for ref in plan.sources}).result()
-    loras = [downloads[ref.role] for ref in plan.loras]
-    tok = submit("tokenizer", "tokenizer", downloads["base"], loras, downloads.get("chinese_sp"), plan.tokenizer,
-                 verified).result()
-
-    publishable: dict[str, Any] = {"tokenizer/": tok}
-    merged: dict[str, Any] = {}
-    for fmt in ("hf", "pth"):
-        if fmt in spec.outputs:
-            merged[fmt] = submit("merge", f"merge {fmt}", downloads["base"], loras, tok, fmt, spec.dtype).result()
-            publishable[f"{fmt}/"] = merged[fmt]
-
-    report = None
-    if "gguf" in spec.outputs or "ggml" in spec.outputs:
-        f16 = submit("gguf", f"gguf {spec.outtype}", downloads["base"], loras, tok, merged.get("hf"), spec.outtype,
-                     spec.dtype, plan.name).result()
-        variants: dict[str, Any] = {spec.outtype: f16}
-        side = []
-        if "gguf" in spec.outputs:
-            publishable[f"{plan.name}-{spec.outtype}.gguf"] = f16
-            quants = {q: submit("quantize", f"quantize {q}", f16, q, plan.name) for q in spec.quant_types}
-        else:
-            quants = {}
-        if "ggml" in spec.outputs:
-            side = [(f"{plan.name}-ggml-{q}.bin", submit("ggml", f"ggml {q}", f16, q, plan.name))
-                    for q in spec.ggml_types]
-        for q, fut in quants.items():
-            variants[q] = fut.result()
-            publishable[f"{plan.name}-{q}.gguf"] = variants[q]
-        for fname, fut in side:
-            publishable[fname] = fut.result()
-        if spec.evaluation.enabled and "gguf" in spec.outputs:
-            options = build.eval_options(spec)
-            evals = {label: submit("evaluate", f"evaluate {label}", v, f16,
-                                   build.eval_tokenizers(downloads, tok), label, options)
-                     for label, v in variants.items()}
-            evaluations = {label: fut.result() for label, fut in evals.items()}
-            report = submit("report", "report", evaluations, plan.display).result()
-            publishable["report/"] = report
-
-    stage_rows = []
-    for label, fut in runs:
-        entry = fut.result()
-        state = _state_name(fut)
-        stage_rows.append({"label": label, "stage": entry.stage, "state": state,
-                           "cached": state == "Cached" or entry.cached, "key": entry.key[:12]})
-    lock = build.build_lock(plan, downloads, fingerprints)
-    published = stages.publish(publishable, str(plan.out_dir), lock)
-    stages.post_artifacts(plan.name, plan.display, verified, tok, report, stage_rows)
-    hits = sum(r["cached"] for r in stage_rows)
-    logger.info("%s: %d/%d stages cached; outputs in %s", plan.name, hits, len(stage_rows), plan.out_dir)
-    return {"model": plan.name, "out_dir": str(plan.out_dir), "published": published, "stages": stage_rows}
+    plan = plan_build(spec, store_root=store_root)
+    nodes = build_graph(plan)
+    logger.info("building %s (%s) into %s: %d stages; artifact store %s", plan.name, plan.display, plan.out_dir,
+                len(nodes), store_root)
+    prepared = prepared_inputs(plan, nodes)
+    futures = {}
+    for node in nodes:
+        args = resolve_deps(node, futures) | prepared.get(node.id, {})
+        futures[node.id] = for_node(node, store_root).submit(node, args, store_root)
+    wait(list(futures.values()))
+    for node in nodes:  # the first failure in graph order is the cause; later nodes only waited on it
+        state = futures[node.id].state
+        if state.is_failed() or state.is_crashed():
+            futures[node.id].result()  # raises the stage's own error: the flow fails with its message
+    refs = {node.id: futures[node.id].result() for node in nodes}
+    runs = []
+    for node in nodes:
+        ref, state = refs[node.id], futures[node.id].state.name
+        runs.append(StageRun(node.id, node.label, node.stage, ref["key"], state == "Cached" or ref["hit"],
+                             0.0 if state == "Cached" else ref["seconds"], state))
+    published = publish_task.with_options(task_run_name=f"publish {plan.name}")(plan, nodes, refs, prepared)
+    post_artifacts.with_options(task_run_name=f"artifacts {plan.name}")(plan, refs, [r.to_json() for r in runs])
+    hits = sum(r.cached for r in runs)
+    logger.info("%s: %d/%d stages cached; outputs in %s", plan.name, hits, len(runs), plan.out_dir)
+    return BuildResult(plan.name, plan.out_dir, tuple(Path(p) for p in published), tuple(runs),
+                       time.perf_counter() - t_start)

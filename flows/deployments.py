@@ -18,22 +18,23 @@ from typing import Any
 
 import yaml
 
+from deployments import PREFECT_YAML
 from pipeline_lib import catalog, upstream
 from pipeline_lib.buildspec import DEMO_MODEL
 from pipeline_lib.demo import demo_spec
+from tasks.settings import WORK_POOL
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-PREFECT_YAML = PROJECT_DIR / "deployments" / "prefect.yaml"
-WORK_POOL = "zhllama-process"
-BUILD_ENTRYPOINT = "flows/build.py:build_model"
-UPSTREAM_ENTRYPOINT = "flows/upstream.py:check_upstream"
+# Module paths, not file paths: a worker loads them from the installed package, whatever its cwd.
+BUILD_ENTRYPOINT = "flows.build.build_model"
+UPSTREAM_ENTRYPOINT = "flows.upstream.check_upstream"
 WEEKLY_CRON = "0 3 * * 0"  # Sundays 03:00 UTC
 UPSTREAM_CRON = "0 2 * * *"  # daily 02:00 UTC
 HEADER = """\
 # Prefect deployments of zhllama. GENERATED from pipeline_lib/catalog.py by `python -m flows.deployments`;
 # do not edit by hand (tests/test_flow.py checks that this file is in sync).
 #
-# Deploy everything (from the project root, with PREFECT_API_URL pointing at your server):
+# Deploy everything (with PREFECT_API_URL pointing at your server; entrypoints are module paths of
+# the installed zhllama package, so any working directory does):
 #   prefect work-pool create zhllama-process --type process
 #   prefect deploy --all --prefect-file deployments/prefect.yaml
 # Run one:  prefect deployment run 'build-model/build-alpaca-plus-7b'   (or: zhllama run build-alpaca-plus-7b)

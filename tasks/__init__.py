@@ -1,1 +1,1 @@
-"""Thin Prefect task wrappers over pipeline_lib (one per stage); see tasks.stages."""
+"""Thin Prefect wrappers over pipeline_lib: the one stage task (tasks.stage), caching (tasks.cache)."""

@@ -23,10 +23,6 @@ from typing import Any
 
 from pipeline_lib.errors import InputError, ZhllamaError
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
-WORK_POOL = "zhllama-process"
-MEMORY_LIMIT = "zhllama-memory-heavy"
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline demo: build a tiny synthetic model end to end (Prefect flow)",
@@ -57,6 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--out", help="publish the results here (default: $ZHLLAMA_HOME/builds/<model>)")
     p.add_argument("--no-prefect", action="store_true", help="run the stages sequentially without Prefect")
+    p.add_argument("--plan", action="store_true", help="print the stage graph (sources, stages, inputs, outputs) "
+                   "and exit without running anything")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("run", help="trigger a deployment on the Prefect server (like `prefect deployment run`)",
@@ -84,18 +82,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------ output
 
 
-def _print_stages(rows: list[dict[str, Any]], out_dir: str) -> None:
-    width = max((len(r["label"]) for r in rows), default=10)
+def _print_stages(result) -> None:
+    """One line per stage of a BuildResult, then the cache summary and the output folder."""
+    rows = result.stages
+    width = max((len(r.label) for r in rows), default=10)
     for r in rows:
-        how = "cache hit" if r["cached"] else "computed"
-        extra = f"  ({r['state']})" if "state" in r else ""
-        print(f"  {r['label']:<{width}}  {how:<9}  {r['key']}{extra}")
-    hits = sum(r["cached"] for r in rows)
+        how = "cache hit" if r.cached else "computed"
+        extra = f"  ({r.state})" if r.state else ""
+        print(f"  {r.label:<{width}}  {how:<9}  {r.key[:12]}{extra}")
+    hits = sum(r.cached for r in rows)
     if rows and hits == len(rows):
         print(f"all {len(rows)} stages were cache hits: nothing was recomputed")
     else:
         print(f"{len(rows) - hits} of {len(rows)} stages computed, {hits} from the cache")
-    print(f"outputs: {out_dir}")
+    print(f"outputs: {result.out_dir}")
 
 
 def _spec_from(model: str, args: argparse.Namespace, *, base: dict | None = None):
@@ -124,14 +124,13 @@ def _spec_from(model: str, args: argparse.Namespace, *, base: dict | None = None
         raise InputError(f"invalid build spec: {problems}", fix="see `zhllama build --help`") from None
 
 
-def _run_spec(spec, *, no_prefect: bool) -> dict[str, Any]:
+def _run_spec(spec, *, no_prefect: bool):
+    """Run a build with the plain executor or through Prefect; both return a BuildResult."""
     if no_prefect:
-        from pipeline_lib.build import run_build
+        from pipeline_lib.pipeline import run_build
 
-        result = run_build(spec, on_stage=lambda s: print(f"  {s.label}: {'cache hit' if s.cached else 'computed'}"
-                                                           f" ({s.seconds:.1f}s)", flush=True))
-        rows = [{"label": s.label, "stage": s.stage, "cached": s.cached, "key": s.key[:12]} for s in result.stages]
-        return {"out_dir": str(result.out_dir), "stages": rows}
+        return run_build(spec, on_stage=lambda s: print(f"  {s.label}: {'cache hit' if s.cached else 'computed'}"
+                                                         f" ({s.seconds:.1f}s)", flush=True))
     if not _api_url():
         print("note: PREFECT_API_URL is not set, so Prefect starts a temporary local server for this run "
               "(10-20 s); `zhllama server` keeps one running with the UI.", file=sys.stderr, flush=True)
@@ -151,8 +150,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if n:
             print("\nsecond run (same inputs):", flush=True)
         result = _run_spec(spec, no_prefect=args.no_prefect)
-        _print_stages(result["stages"], result["out_dir"])
-    report = Path(result["out_dir"]) / "report" / "report.md"
+        _print_stages(result)
+    report = Path(result.out_dir) / "report" / "report.md"
     if report.is_file():
         print(f"evaluation report: {report}")
     if not args.twice:
@@ -163,8 +162,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     base = json.loads(Path(args.spec).read_text(encoding="utf-8")) if args.spec else None
     spec = _spec_from(args.model, args, base=base)
-    result = _run_spec(spec, no_prefect=args.no_prefect)
-    _print_stages(result["stages"], result["out_dir"])
+    if args.plan:
+        from pipeline_lib.pipeline import build_graph, format_graph, plan_build
+
+        plan = plan_build(spec)
+        print(format_graph(plan, build_graph(plan)))
+        return 0
+    _print_stages(_run_spec(spec, no_prefect=args.no_prefect))
     return 0
 
 
@@ -252,7 +256,7 @@ def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> None
 def _prefect(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("prefect")
     cmd = [str(exe) if exe.exists() else "prefect", *args]
-    res = subprocess.run(cmd, env=env, cwd=PROJECT_DIR, capture_output=True, text=True)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if check and res.returncode != 0:
         raise ZhllamaError(f"`prefect {' '.join(args)}` failed:\n{(res.stdout + res.stderr)[-2000:]}")
     return res
@@ -260,11 +264,14 @@ def _prefect(*args: str, env: dict[str, str], check: bool = True) -> subprocess.
 
 def setup_server(env: dict[str, str], *, memory_slots: int = 1) -> None:
     """Work pool, concurrency limit, deployments: everything a fresh server needs (idempotent)."""
+    from deployments import PREFECT_YAML
+    from tasks.settings import MEMORY_LIMIT, WORK_POOL
+
     res = _prefect("work-pool", "inspect", WORK_POOL, env=env, check=False)
     if res.returncode != 0:
         _prefect("work-pool", "create", WORK_POOL, "--type", "process", env=env)
     _prefect("gcl", "create", MEMORY_LIMIT, "--limit", str(memory_slots), env=env, check=False)
-    _prefect("deploy", "--all", "--no-prompt", "--prefect-file", "deployments/prefect.yaml", env=env)
+    _prefect("deploy", "--all", "--no-prompt", "--prefect-file", str(PREFECT_YAML), env=env)
 
 
 def _stop(proc: subprocess.Popen | None, what: str) -> None:
@@ -303,7 +310,9 @@ def cmd_server(args: argparse.Namespace) -> int:
         print("deploying deployments/prefect.yaml …", flush=True)
         setup_server(env, memory_slots=args.memory_slots)
         if not args.no_worker:
-            worker = subprocess.Popen([prefect, "worker", "start", "--pool", WORK_POOL], env=env, cwd=PROJECT_DIR,
+            from tasks.settings import WORK_POOL
+
+            worker = subprocess.Popen([prefect, "worker", "start", "--pool", WORK_POOL], env=env,
                                       start_new_session=True)
         print(f"\nPrefect UI: {url}\n"
               f"in another shell:  export PREFECT_API_URL={url}/api\n"

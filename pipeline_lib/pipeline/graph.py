@@ -1,0 +1,133 @@
+"""The build as data: ``build_graph(plan)`` turns a BuildPlan into stage nodes, before anything runs.
+
+Each :class:`StageNode` names its stage (a row of ``stages.STAGES``), a label for people, its
+parameters, the upstream nodes each of its arguments comes from, and the name it is published
+under in the output folder (if any). The tuple is in topological order. Both executors
+(``execute.run_build`` here, ``flows/build.py`` under Prefect) walk this one graph, so they
+cannot disagree about what a build is; ``format_graph`` prints it (``zhllama build NAME --plan``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .plan import BuildPlan
+
+# An argument's upstream: one node id, a tuple of ids (in order) or {label: id} (in order).
+Dep = str | tuple[str, ...] | Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class StageNode:
+    """One stage computation of a build."""
+
+    id: str  # unique in the graph: "download:base", "quantize:q4_0"
+    stage: str  # key of stages.STAGES
+    label: str  # for people and for Prefect task-run names: "quantize q4_0"
+    params: Mapping[str, Any] = field(default_factory=dict)  # JSON values
+    deps: Mapping[str, Dep] = field(default_factory=dict)  # argument -> upstream node id(s)
+    publish: str | None = None  # name in the output folder ("x.gguf"; "tokenizer/" for a folder)
+
+    def upstream(self) -> Iterator[str]:
+        """Every node id this node reads, in argument order."""
+        for dep in self.deps.values():
+            if isinstance(dep, str):
+                yield dep
+            elif isinstance(dep, tuple):
+                yield from dep
+            else:
+                yield from dep.values()
+
+
+def resolve_deps(node: StageNode, value_of: Mapping[str, Any]) -> dict[str, Any]:
+    """The node's arguments with every upstream id replaced by ``value_of[id]`` (same shapes)."""
+    out: dict[str, Any] = {}
+    for arg, dep in node.deps.items():
+        if isinstance(dep, str):
+            out[arg] = value_of[dep]
+        elif isinstance(dep, tuple):
+            out[arg] = [value_of[d] for d in dep]
+        else:
+            out[arg] = {k: value_of[d] for k, d in dep.items()}
+    return out
+
+
+def eval_options(plan: BuildPlan) -> dict[str, Any]:
+    return plan.spec.evaluation.model_dump(exclude={"enabled"})
+
+
+def build_graph(plan: BuildPlan) -> tuple[StageNode, ...]:
+    """Every stage of the build in topological order, from the plan alone (no I/O)."""
+    spec, name = plan.spec, plan.name
+    nodes: list[StageNode] = []
+
+    def add(node: StageNode) -> str:
+        nodes.append(node)
+        return node.id
+
+    downloads = {ref.role: add(StageNode(
+        f"download:{ref.role}", "download", f"download {ref.role}",
+        params={"role": ref.role, "source": ref.source, "revision": ref.revision,
+                "include": list(ref.include) if ref.include else None, "sha256": dict(ref.sha256)}))
+        for ref in plan.sources}
+    verify = add(StageNode("verify", "verify", "verify", deps={"downloads": dict(downloads)},
+                           params={"expected": {ref.role: dict(ref.sha256) for ref in plan.sources}}))
+    loras = tuple(downloads[ref.role] for ref in plan.loras)
+    tok_deps: dict[str, Any] = {"base": downloads["base"], "loras": loras, "verified": verify}
+    if "chinese_sp" in downloads:
+        tok_deps["chinese_sp"] = downloads["chinese_sp"]
+    tokenizer = add(StageNode("tokenizer", "tokenizer", "tokenizer", deps=tok_deps, params={"kind": plan.tokenizer},
+                              publish="tokenizer/"))
+    weights = {"base": downloads["base"], "loras": loras, "tokenizer": tokenizer}
+    merged = {fmt: add(StageNode(f"merge:{fmt}", "merge", f"merge {fmt}", deps=weights,
+                                 params={"format": fmt, "dtype": spec.dtype}, publish=f"{fmt}/"))
+              for fmt in ("hf", "pth") if fmt in spec.outputs}
+    if not {"gguf", "ggml"} & set(spec.outputs):
+        return tuple(nodes)
+
+    f16_file = f"{name}-{spec.outtype}.gguf"
+    gguf_deps = {"merged": merged["hf"]} if "hf" in merged else weights
+    f16 = add(StageNode(f"gguf:{spec.outtype}", "gguf", f"gguf {spec.outtype}", deps=gguf_deps,
+                        params={"outtype": spec.outtype, "dtype": spec.dtype, "file": f16_file, "name": name},
+                        publish=f16_file if "gguf" in spec.outputs else None))
+    quants: dict[str, str] = {}
+    if "gguf" in spec.outputs:
+        for q in spec.quant_types:
+            file = f"{name}-{q}.gguf"
+            quants[q] = add(StageNode(f"quantize:{q}", "quantize", f"quantize {q}", deps={"gguf": f16},
+                                      params={"qtype": q, "file": file}, publish=file))
+    if "ggml" in spec.outputs:
+        for q in spec.ggml_types:
+            file = f"{name}-ggml-{q}.bin"
+            add(StageNode(f"ggml:{q}", "ggml", f"ggml {q}", deps={"gguf": f16}, params={"qtype": q, "file": file},
+                          publish=file))
+    if spec.evaluation.enabled and "gguf" in spec.outputs:
+        options = eval_options(plan)
+        reference = add(StageNode(
+            "evaluate:reference", "evaluate-reference", f"evaluate {spec.outtype} (reference)",
+            deps={"gguf": f16, "tokenizers": {"LLaMA (base)": downloads["base"], "merged Chinese": tokenizer}},
+            params={"label": spec.outtype, "options": options}))
+        evals = {spec.outtype: reference} | {q: add(StageNode(
+            f"evaluate:{q}", "evaluate", f"evaluate {q}", deps={"variant": node_id, "reference": reference},
+            params={"label": q, "options": options})) for q, node_id in quants.items()}
+        add(StageNode("report", "report", "report", deps={"evaluations": evals}, params={"title": plan.display},
+                      publish="report/"))
+    return tuple(nodes)
+
+
+def format_graph(plan: BuildPlan, nodes: tuple[StageNode, ...]) -> str:
+    """The graph as text: one line per node with its inputs and where it is published."""
+    lines = [f"build {plan.name} ({plan.display}) into {plan.out_dir}", "sources:"]
+    lines += [f"  {ref.role:<11} {ref.display}" + (f" @ {ref.revision}" if ref.revision else "")
+              for ref in plan.sources]
+    lines.append(f"stages ({len(nodes)}):")
+    width = max(len(n.label) for n in nodes)
+    for n in nodes:
+        ups = ", ".join(dict.fromkeys(n.upstream()))
+        line = f"  {n.label:<{width}}  <- {ups or '(source)'}"
+        if n.publish:
+            line += f"  => {n.publish}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,373 @@
+"""The stages of a build, as one table: ``STAGES = {name: StageDef(...)}``.
+
+A stage's *request builder* turns a graph node and its resolved inputs (store entries of the
+upstream nodes) into a :class:`StageRequest`: stage name and version, the content digests of
+its inputs, its parameters, and ``produce(tmp_dir)``, which calls the stage's module
+(``download``, ``verify``, ``tokenizer``, ``merge``, ``gguf_export``, ``quantize``,
+``ggml_legacy``, ``evaluate``). The request's key is the artifact-store key, so
+
+* ``run_stage(store, request)`` computes a stage at most once per key and returns a hit when an
+  intact entry exists (a missing or altered output is never a hit);
+* the Prefect cache policy (``tasks/cache.py``) computes the very same key from the very same
+  builder, without running anything: one definition of "same inputs" for both executors.
+
+A new stage is one row here and one function in its stage module.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..fsutil import sha256_bytes, write_text_atomic
+from ..store import Entry, Store, canonical_json
+from .graph import StageNode
+from .plan import BuildPlan, source_fingerprint
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """Everything that identifies one stage computation, plus how to produce it."""
+
+    stage: str
+    inputs: dict[str, str]  # name -> content digest
+    params: dict[str, Any]
+    produce: Callable[[Path], Mapping[str, Any] | None] = field(compare=False, repr=False)
+    label: str = ""
+
+    @property
+    def version(self) -> str:
+        return STAGES[self.stage].version
+
+    def key(self) -> str:
+        return Store.key(self.stage, version=self.version, inputs=self.inputs, params=self.params)
+
+
+RequestBuilder = Callable[[StageNode, Mapping[str, Any]], StageRequest]
+
+
+@dataclass(frozen=True)
+class StageDef:
+    """One row of the stage table."""
+
+    version: str  # bumped when the stage's output for the same inputs changes (keys include it)
+    request: RequestBuilder
+    description: str
+    heavy: bool = False  # memory/CPU-bound: one at a time per host, and the server's memory-heavy limit
+    retries: int = 0  # transient failures (network) are retried this often
+    # Runtime inputs found once per run, before the stage is scheduled (a source's fingerprint):
+    prepare: Callable[[StageNode, BuildPlan], dict[str, Any]] | None = None
+    # Same inputs, same bytes? Evaluations measure speed, so their files differ run to run:
+    # downstream keys then name the entry (its key) rather than its content.
+    deterministic: bool = True
+
+
+# Where a running stage reports progress: a callable (fraction 0..1, description) set by the
+# executor around run_stage (the Prefect task sets one that updates a progress artifact).
+PROGRESS: contextvars.ContextVar[Callable[[float, str], None] | None] = contextvars.ContextVar(
+    "zhllama_progress", default=None)
+
+
+def report_progress(fraction: float, text: str) -> None:
+    cb = PROGRESS.get()
+    if cb is not None:
+        cb(max(0.0, min(fraction, 1.0)), text)
+
+
+def _bytes_progress(total: int, what: str) -> Callable[[int], None]:
+    """A ``progress(nbytes)`` callback (merge, convert) turned into fractions of ``total``."""
+    done = [0]
+
+    def on_bytes(n: int) -> None:
+        done[0] += n
+        report_progress(done[0] / total if total else 0.0, f"{what}: {done[0] / 1e6:.0f} MB written")
+
+    return on_bytes
+
+
+def digest(entry: Entry) -> str:
+    """What downstream keys are built from: the content digest of an entry's outputs, or for a
+    stage whose output is not a function of its inputs (evaluations time things), its key."""
+    stage = STAGES.get(entry.stage)
+    if stage is not None and not stage.deterministic:
+        return "key:" + entry.key
+    return sha256_bytes(canonical_json({k: o.sha256 for k, o in sorted(entry.outputs.items())}).encode())
+
+
+def run_stage(store: Store, request: StageRequest) -> Entry:
+    """Produce (or fetch from the store) one stage's outputs."""
+    return store.get_or_produce(request.stage, version=request.version, inputs=request.inputs,
+                                params=request.params, produce=request.produce)
+
+
+def request_for(node: StageNode, inputs: Mapping[str, Any]) -> StageRequest:
+    """The request of ``node`` given its resolved inputs (entries, and prepared runtime values)."""
+    return STAGES[node.stage].request(node, inputs)
+
+
+def summary(value: Any) -> Any:
+    """A JSON-able summary of a stage result (dataclasses, paths and enums flattened)."""
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    return json.loads(canonical_json(value, default=str))
+
+
+def files_of(entry: Entry) -> list[Path]:
+    return [entry.path / rel for rel in sorted(entry.outputs)]
+
+
+def gguf_file(entry: Entry) -> Path:
+    return entry.path / next(rel for rel in sorted(entry.outputs) if rel.endswith(".gguf"))
+
+
+def tokenizer_model(entry: Entry) -> Path | None:
+    """The tokenizer.model of a download entry (the base's) or of the tokenizer stage."""
+    for rel in ("tokenizer/tokenizer.model", "tokenizer.model"):
+        if rel in entry.outputs:
+            return entry.path / rel
+    return None
+
+
+# ------------------------------------------------------------------ request builders, one per stage
+
+
+def _prepare_download(node: StageNode, plan: BuildPlan) -> dict[str, Any]:
+    return {"fingerprint": source_fingerprint(plan.source(node.params["role"]))}
+
+
+def download_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """Fetch one source (hub, local folder, URL or archive) into the store, verified on the way."""
+    p = node.params
+
+    def produce(tmp: Path) -> dict:
+        from ..download import download
+
+        result = download(p["source"], out=tmp, revision=p["revision"], include=p["include"],
+                          expected=p["sha256"] or None, token=os.environ.get("HF_TOKEN"))
+        return {"role": p["role"], "source": result.source, "result": summary(result)}
+
+    from ..download import parse_source
+
+    shown = parse_source(p["source"], revision=p["revision"]).text  # credentials never enter a manifest
+    return StageRequest("download", inputs={"source": args["fingerprint"]},
+                        params={"source": shown, "revision": p["revision"], "include": p["include"]},
+                        produce=produce, label=node.label)
+
+
+def verify_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """SHA256 of every downloaded file against the official/expected digests; a table of results.
+
+    A mismatch raises IntegrityError; a file with no known digest is recorded (status 'unknown'),
+    never passed off as official.
+    """
+    downloads: Mapping[str, Entry] = args["downloads"]
+    expected: Mapping[str, Mapping[str, str]] = node.params["expected"]
+
+    def produce(tmp: Path) -> dict:
+        from .. import verify
+
+        rows = []
+        for role, entry in downloads.items():
+            result = verify.verify(files_of(entry), expected=dict(expected.get(role, {})),
+                                   what=f"the expected digests of {role}")
+            for f in result.files:
+                rows.append({"role": role, "file": Path(f.path).relative_to(entry.path).as_posix(),
+                             "size": f.size, "sha256": f.sha256, "status": f.status.value, "against": f.against})
+        write_text_atomic(tmp / "verify.json", json.dumps({"files": rows}, indent=2, ensure_ascii=False) + "\n")
+        return {"files": len(rows), "unknown": sum(r["status"] == "unknown" for r in rows)}
+
+    return StageRequest("verify", inputs={role: digest(e) for role, e in downloads.items()},
+                        params={"expected": {k: dict(v) for k, v in expected.items()}}, produce=produce,
+                        label=node.label)
+
+
+def tokenizer_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """The build's tokenizer (tokenizer.build_tokenizer) and its check against each LoRA's (check.json)."""
+    base, loras, sp = args["base"], args["loras"], args.get("chinese_sp")
+    kind = node.params["kind"]
+
+    def produce(tmp: Path) -> dict:
+        from ..tokenizer import build_tokenizer
+
+        sp_model = next((sp.path / rel for rel in sorted(sp.outputs) if rel.endswith(".model")), None) if sp else None
+        check = build_tokenizer(base.path / "tokenizer.model", loras=[e.path for e in loras], chinese_sp=sp_model,
+                                kind=kind, out=tmp / "tokenizer")
+        write_text_atomic(tmp / "check.json", json.dumps(check.to_json(), indent=2) + "\n")
+        return {"kind": kind, "checked": len(check.loras), "merged": check.merged}
+
+    inputs = {"base": digest(base), "verified": digest(args["verified"])}
+    inputs |= {f"lora-{i}": digest(e) for i, e in enumerate(loras)}
+    if sp is not None:
+        inputs["chinese_sp"] = digest(sp)
+    return StageRequest("tokenizer", inputs=inputs, params={"kind": kind}, produce=produce, label=node.label)
+
+
+def _weights_inputs(args: Mapping[str, Any]) -> dict[str, str]:
+    return {"base": digest(args["base"]), "tokenizer": digest(args["tokenizer"])} | {
+        f"lora-{i}": digest(e) for i, e in enumerate(args["loras"])}
+
+
+def merge_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """The merged checkpoint (HF safetensors or Meta pth), LoRA after LoRA, streamed."""
+    base, loras = args["base"], args["loras"]
+    fmt, dtype = node.params["format"], node.params["dtype"]
+
+    def produce(tmp: Path) -> dict:
+        from ..merge import merge
+
+        total = base.size * (2 if dtype == "float32" else 1)  # about one base's worth of bytes is written
+        result = merge(base.path, [e.path for e in loras], out=tmp / fmt, format=fmt, dtype=dtype,
+                       progress=_bytes_progress(total, node.label))
+        return {"result": summary(result)}
+
+    return StageRequest("merge", inputs=_weights_inputs(args), params={"format": fmt, "dtype": dtype},
+                        produce=produce, label=node.label)
+
+
+def gguf_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """Float GGUF of the merged model: from the HF checkpoint if one was built, else one pass from the merge."""
+    p = node.params
+    merged: Entry | None = args.get("merged")
+
+    def produce(tmp: Path) -> dict:
+        from ..gguf_export import convert
+
+        if merged is not None:
+            source: Any = merged.path / "hf"
+            total = merged.size
+        else:
+            from ..merge import plan_merge
+
+            source = plan_merge(args["base"].path, [e.path for e in args["loras"]], dtype=p["dtype"])
+            total = args["base"].size
+        result = convert(source, out=tmp / p["file"], outtype=p["outtype"], name=p["name"],
+                         on_progress=_bytes_progress(total * (2 if p["outtype"] == "f32" else 1), node.label))
+        return {"file": p["file"], "one_pass": merged is None, "result": summary(result)}
+
+    inputs = {"merged": digest(merged)} if merged is not None else _weights_inputs(args)
+    return StageRequest("gguf", inputs=inputs, params={"outtype": p["outtype"], "dtype": p["dtype"], "file": p["file"]},
+                        produce=produce, label=node.label)
+
+
+def quantize_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """One llama.cpp quantization of the float GGUF."""
+    gguf, q, file = args["gguf"], node.params["qtype"], node.params["file"]
+
+    def produce(tmp: Path) -> dict:
+        from ..quantize import quantize
+
+        result = quantize(gguf_file(gguf), qtypes=[q], out_dir=tmp, names={q: file},
+                          on_progress=lambda q, i, n: report_progress(i / n if n else 0.0, f"quantize {q}: tensor {i}/{n}"))
+        return {"file": file, "qtype": q, "result": summary(result)}
+
+    return StageRequest("quantize", inputs={"gguf": digest(gguf)}, params={"qtype": q, "file": file},
+                        produce=produce, label=node.label)
+
+
+def ggml_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """Legacy GGML (ggjt v3) file for 2023 tools."""
+    gguf, q, file = args["gguf"], node.params["qtype"], node.params["file"]
+
+    def produce(tmp: Path) -> dict:
+        from .. import ggml_legacy
+
+        result = ggml_legacy.export(gguf_file(gguf), out=tmp / file, qtype=q)
+        return {"file": file, "result": summary(result)}
+
+    return StageRequest("ggml", inputs={"gguf": digest(gguf)}, params={"qtype": q, "file": file},
+                        produce=produce, label=node.label)
+
+
+def _eval_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """EvalOptions (BuildSpec) -> keyword arguments of pipeline_lib.evaluate."""
+    return {"n_ctx": options["n_ctx"], "n_chunks": options["max_chunks"], "text": options.get("text"),
+            "prompts": None if options["generate"] else False,
+            "samples_per_category": options["samples_per_category"], "max_tokens": options["max_new_tokens"]}
+
+
+def _keep_only(folder: Path, keep: Sequence[str]) -> None:
+    """Drop evaluation scratch files from a store entry (they are not outputs)."""
+    for p in list(folder.iterdir()):
+        if p.name not in keep:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+REPORT_FILES = ("report.json", "report.md", "report.png")
+
+
+def evaluate_reference_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """The float model's own evaluation: the reference every variant's KL is measured against."""
+    gguf, tokenizers, label, options = args["gguf"], args["tokenizers"], node.params["label"], node.params["options"]
+
+    def produce(tmp: Path) -> dict:
+        from ..evaluate import evaluate
+
+        toks = {name: tokenizer_model(e) for name, e in tokenizers.items()}
+        evaluate(gguf_file(gguf), out=tmp, reference=gguf_file(gguf), name=label,
+                 tokenizers={n: t for n, t in toks.items() if t is not None}, **_eval_kwargs(options))
+        _keep_only(tmp, REPORT_FILES)
+        return {"label": label, "gguf_key": gguf.key}
+
+    return StageRequest("evaluate-reference", inputs={"gguf": digest(gguf)} | {
+        f"tokenizer {name}": digest(e) for name, e in tokenizers.items()},
+        params={"label": label, "options": dict(options)}, produce=produce, label=node.label)
+
+
+def evaluate_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """Perplexity, KL against the reference, speed and samples for one quantized variant."""
+    variant, reference, label, options = args["variant"], args["reference"], node.params["label"], node.params["options"]
+
+    def produce(tmp: Path) -> dict:
+        from ..evaluate import evaluate
+
+        ref_gguf = Store(reference.path.parent.parent).get(reference.meta["gguf_key"])
+        evaluate(gguf_file(variant), out=tmp, reference=gguf_file(ref_gguf), name=label, **_eval_kwargs(options))
+        _keep_only(tmp, REPORT_FILES)
+        return {"label": label}
+
+    return StageRequest("evaluate", inputs={"variant": digest(variant), "reference": digest(reference)},
+                        params={"label": label, "options": dict(options)}, produce=produce, label=node.label)
+
+
+def report_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """One report (report.json, report.md, report.png) from the reference and the variants' evaluations."""
+    evaluations: Mapping[str, Entry] = args["evaluations"]
+    title = node.params["title"]
+
+    def produce(tmp: Path) -> dict:
+        from .. import evaluate
+        from ._compat import combine_reports
+
+        report = combine_reports([e.path / "report.json" for e in evaluations.values()], out=tmp, title=title)
+        evaluate.write_report(report)
+        return {"variants": [v.name for v in report.variants], "reference": report.reference}
+
+    return StageRequest("report", inputs={label: digest(e) for label, e in evaluations.items()},
+                        params={"title": title}, produce=produce, label=node.label)
+
+
+# ------------------------------------------------------------------ the table
+
+STAGES: dict[str, StageDef] = {
+    "download": StageDef("1", download_request, "fetch a source into the store, verified on the way",
+                         retries=2, prepare=_prepare_download),
+    "verify": StageDef("1", verify_request, "SHA256 of every input against the official table"),
+    "tokenizer": StageDef("2", tokenizer_request, "merge LLaMA + chinese_sp tokenizers, check each LoRA's"),
+    "merge": StageDef("1", merge_request, "merged HF/pth checkpoint", heavy=True),
+    "gguf": StageDef("1", gguf_request, "float GGUF (one pass from the merge without a checkpoint)", heavy=True),
+    "quantize": StageDef("1", quantize_request, "one llama.cpp quantization", heavy=True),
+    "ggml": StageDef("1", ggml_request, "legacy GGML file for 2023 tools", heavy=True),
+    "evaluate-reference": StageDef("1", evaluate_reference_request, "the float model's evaluation (the KL reference)",
+                                   heavy=True, deterministic=False),
+    "evaluate": StageDef("2", evaluate_request, "perplexity, KL, speed, samples of one variant", heavy=True,
+                         deterministic=False),
+    "report": StageDef("1", report_request, "report.json/md/png across variants", deterministic=False),
+}

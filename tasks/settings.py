@@ -1,0 +1,6 @@
+"""Names the Prefect side of zhllama shares: defined once, used by tasks, flows, deployments and the CLI."""
+
+# Global concurrency limit the memory-heavy stages (merge, GGUF, quantize, evaluate) take a slot of.
+MEMORY_LIMIT = "zhllama-memory-heavy"
+# The process work pool every deployment runs on (`zhllama server` creates it).
+WORK_POOL = "zhllama-process"

@@ -96,8 +96,18 @@ def stop_process(proc: subprocess.Popen, *, timeout: float = 20) -> None:
         proc.wait(timeout=10)
 
 
+# How many session servers this test process started: exactly one, whatever modules use it
+# (fixtures are registered once, through ``pytest_plugins`` in conftest.py; tests/test_flow.py checks).
+SESSION_STARTS = 0
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
+    global SESSION_STARTS
+    if SESSION_STARTS:
+        pytest.fail("a second session Prefect server: a test module imported the prefect_server fixture "
+                    "instead of using the one registered in conftest.py (pytest_plugins)")
+    SESSION_STARTS += 1
     if shutil.which("prefect", path=str(VENV_BIN)) is None:
         pytest.fail("the prefect CLI is not installed next to this Python; install the package (make install)")
     home = tmp_path_factory.mktemp("prefect-home")

@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# Shared fixtures, registered once for the whole session: importing a fixture into several test
+# modules would make pytest build a session fixture once per module (three Prefect servers).
+pytest_plugins = ["_prefect_fixtures", "_evaluate_fixtures", "_gguf_fixtures"]
+
 # Tests never touch the user's caches, never reach a hub, never send analytics.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")

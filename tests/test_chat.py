@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from _evaluate_fixtures import eval_models  # noqa: F401  (session fixture)
 
 from pipeline_lib import chat
 from pipeline_lib.errors import InputError
@@ -39,7 +38,7 @@ def test_stop_filter_never_streams_a_stop_string():
     assert g.feed("C# ") == "C# " and g.feed("##") == "" and g.flush() == "##"
 
 
-def test_streaming_is_deterministic_and_joins_to_the_whole(eval_models):  # noqa: F811
+def test_streaming_is_deterministic_and_joins_to_the_whole(eval_models):
     llm = chat.load_model(eval_models.alpaca_f16, n_ctx=256)
     try:
         prompt = RELEASE_PROMPT.format(instruction="请介绍一下长城。")
@@ -55,7 +54,7 @@ def test_streaming_is_deterministic_and_joins_to_the_whole(eval_models):  # noqa
         llm.close()
 
 
-def test_history_that_does_not_fit_drops_the_oldest_turns(eval_models):  # noqa: F811
+def test_history_that_does_not_fit_drops_the_oldest_turns(eval_models):
     t = chat.TEMPLATES["alpaca"]
     history = [("第一个问题是什么" * 3, "第一个回答" * 3), ("第二个问题", "第二个回答")]
 
@@ -85,7 +84,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "flows.cli", *args]
 
 
-def test_generate_one_shot_matches_the_library(eval_models):  # noqa: F811
+def test_generate_one_shot_matches_the_library(eval_models):
     llm = chat.load_model(eval_models.alpaca_f16, n_ctx=256)
     try:
         expected, _ = chat.generate(llm, RELEASE_PROMPT.format(instruction="写一首诗。"), max_tokens=8,
@@ -146,7 +145,7 @@ class _Pty:
         os.close(self.master)
 
 
-def test_chat_two_turns_through_a_pty(eval_models):  # noqa: F811
+def test_chat_two_turns_through_a_pty(eval_models):
     q1, q2 = "你好，我叫小王。", "你还记得我的名字吗？"
     # what the model must answer, computed in-process with the same settings
     llm = chat.load_model(eval_models.alpaca_f16, n_ctx=256)

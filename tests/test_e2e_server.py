@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _prefect_fixtures import VENV_BIN, prefect_server, stop_process  # noqa: F401
+from _prefect_fixtures import VENV_BIN, stop_process
 from fakehub import FakeHub
 
 from pipeline_lib.fsutil import TMP_PREFIX
@@ -33,7 +33,7 @@ RUN_TIMEOUT = 600  # generous: the machine may be shared; this is a hang guard, 
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_server, tmp_path_factory):  # noqa: F811
+def deployed(prefect_server, tmp_path_factory):
     """build-tiny-demo on the process pool with a worker; build-llama-plus-7b on a pool without one."""
     srv = prefect_server
     srv.prefect("work-pool", "create", "zhllama-process", "--type", "process")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _evaluate_fixtures import eval_models  # noqa: F401  (session fixture)
 
 from pipeline_lib import chat
 from pipeline_lib import evaluate as ev
@@ -46,7 +45,7 @@ def _naive_perplexity(model: Path, text: str, *, n_ctx: int, n_chunks: int) -> t
     return math.exp(nll / count), count
 
 
-def test_perplexity_matches_independent_numpy_computation(eval_models):  # noqa: F811
+def test_perplexity_matches_independent_numpy_computation(eval_models):
     text = ev.packaged_text()
     llm = chat.load_model(eval_models.alpaca_f16, n_ctx=N_CTX, n_batch=N_CTX)
     try:
@@ -65,7 +64,7 @@ def test_perplexity_matches_independent_numpy_computation(eval_models):  # noqa:
     assert 1.0 < ppl.ppl < 10 * n_vocab
 
 
-def test_kl_of_model_against_itself_is_zero(eval_models, tmp_path):  # noqa: F811
+def test_kl_of_model_against_itself_is_zero(eval_models, tmp_path):
     llm = chat.load_model(eval_models.alpaca_f16, n_ctx=N_CTX, n_batch=N_CTX)
     ref = None
     try:
@@ -87,7 +86,7 @@ def test_kl_of_model_against_itself_is_zero(eval_models, tmp_path):  # noqa: F81
 
 
 @pytest.fixture(scope="module")
-def quant_report(eval_models, tmp_path_factory):  # noqa: F811
+def quant_report(eval_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     return ev.evaluate_variants(
         {"q8_0": eval_models.alpaca_q8_0, "q4_0": eval_models.alpaca_q4_0},
@@ -115,7 +114,7 @@ def test_quantization_shows_kl_and_ordering(quant_report):
     assert ref.model.n_params == q4.model.n_params
 
 
-def test_parameter_count_matches_the_config(eval_models, tiny_release):  # noqa: F811
+def test_parameter_count_matches_the_config(eval_models, tiny_release):
     facts = ev.model_facts(eval_models.alpaca_f16)
     expected = sum(math.prod(s) for s in tiny_release.config.shapes(tiny_release.alpaca_vocab).values())
     assert facts.n_params == expected
@@ -173,7 +172,7 @@ def test_tokenizer_efficiency_rows(quant_report):
     assert "GGUF" in gguf_row.tokenizer and gguf_row.vocab_size == merged_row.vocab_size
 
 
-def test_llama_model_uses_plain_continuation(eval_models, tmp_path):  # noqa: F811
+def test_llama_model_uses_plain_continuation(eval_models, tmp_path):
     assert chat.detect_template(eval_models.llama_f16).name == "plain"
     assert chat.detect_template(eval_models.alpaca_f16).name == "alpaca"
     prompts = tmp_path / "p.jsonl"
@@ -189,7 +188,7 @@ def test_llama_model_uses_plain_continuation(eval_models, tmp_path):  # noqa: F8
     assert forced.variants[0].samples[0].prompt.startswith(chat.ALPACA_PREAMBLE)
 
 
-def test_bad_inputs_fail_before_writing(eval_models, tmp_path):  # noqa: F811
+def test_bad_inputs_fail_before_writing(eval_models, tmp_path):
     out = tmp_path / "out"
     short = tmp_path / "short.txt"
     short.write_text("太短了。", encoding="utf-8")
@@ -209,7 +208,7 @@ def test_bad_inputs_fail_before_writing(eval_models, tmp_path):  # noqa: F811
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_reference_copy_in_variants_is_not_evaluated_twice(eval_models, tmp_path):  # noqa: F811
+def test_reference_copy_in_variants_is_not_evaluated_twice(eval_models, tmp_path):
     copy = tmp_path / "copy-f16.gguf"
     shutil.copyfile(eval_models.alpaca_f16, copy)
     report = ev.evaluate_variants({"f16": eval_models.alpaca_f16, "copy": copy}, reference=eval_models.alpaca_f16,
@@ -219,7 +218,7 @@ def test_reference_copy_in_variants_is_not_evaluated_twice(eval_models, tmp_path
     assert report.variant("copy").kl.same_top == 1.0
 
 
-def test_cli_eval(eval_models, tmp_path, capsys):  # noqa: F811
+def test_cli_eval(eval_models, tmp_path, capsys):
     from flows.cli.main import main
 
     out = tmp_path / "cli-out"

@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import _gguf_fixtures
 import numpy as np
 import pytest
 import torch
@@ -20,13 +19,11 @@ from _gguf_fixtures import (
     reference_convert,
 )
 
-from pipeline_lib import cli
+from flows.cli import main as cli
 from pipeline_lib.errors import InputError
 from pipeline_lib.gguf_export import OUTTYPES, convert, plan_convert, read_vocab
 from pipeline_lib.merge import plan_merge
 from pipeline_lib.synthetic import corpus
-
-gguf_models = _gguf_fixtures.gguf_models  # session fixture
 
 # keys whose value is descriptive and derived by llama.cpp from folder names; everything else must match
 DESCRIPTIVE_KEYS = {"general.name"}

@@ -6,17 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import _gguf_fixtures
 import numpy as np
 import pytest
 from _gguf_fixtures import gguf_fields, gguf_tensors, llama_logits
 
-from pipeline_lib import cli
+from flows.cli import main as cli
 from pipeline_lib.errors import InputError
 from pipeline_lib.gguf_export import convert
 from pipeline_lib.quantize import QUANT_TYPES, output_name, quantize, resolve_type
-
-gguf_models = _gguf_fixtures.gguf_models  # session fixture
 
 # llama.cpp's own quantizer, called the way llama-quantize calls it (default params, only the ftype
 # set), in a fresh process: the reference our wrapper must equal byte for byte.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from _prefect_fixtures import prefect_server  # noqa: F401
 from fakehub import FakeHub
 
 from pipeline_lib import catalog, upstream
@@ -57,7 +56,7 @@ def test_unknown_repo_is_a_clear_error(hub, tmp_path):
     assert not (tmp_path / "s.json").exists()
 
 
-def test_flow_emits_one_event_per_changed_model(hub, prefect_server, monkeypatch):  # noqa: F811
+def test_flow_emits_one_event_per_changed_model(hub, prefect_server, monkeypatch):
     import flows.upstream as flow_mod
 
     emitted = []

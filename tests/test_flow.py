@@ -1,9 +1,11 @@
 """The build flow in-process on the demo model, against one real Prefect server for the session.
 
 Covers: BuildSpec validation, deployments file in sync with the catalog, the demo build through
-Prefect (artifacts, published files), a rerun that is all cache hits (and the sequential runner
+Prefect (artifacts, published files), a rerun that is all cache hits (and the plain executor
 agreeing on every key), an altered or deleted cached output being recomputed rather than
-trusted, and a stage failing mid-way leaving no partial files (store and output folder).
+trusted, a stage failing mid-way leaving no partial files (store and output folder), a build
+killed while it holds a stage's lock not blocking the next one, and result records that are
+data (a planted pickle never runs).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import os
 from pathlib import Path
 
 import pytest
-from _prefect_fixtures import prefect_server  # noqa: F401  (session fixture)
 from pydantic import ValidationError
 
-from pipeline_lib import build, demo
+from pipeline_lib import demo
 from pipeline_lib.buildspec import QUANT_TYPES, BuildSpec
 from pipeline_lib.fsutil import TMP_PREFIX
+from pipeline_lib.pipeline import run_build
 from pipeline_lib.store import Store
 
 pytestmark = pytest.mark.slow
@@ -77,9 +79,10 @@ def test_deployments_yaml_is_in_sync_with_the_catalog():
         assert d["parameters"] == {"spec": {"model": m.name}}
         BuildSpec.model_validate(d["parameters"]["spec"])  # every deployment's parameters are a valid spec
         assert d["schedules"][0]["cron"] and d["work_pool"]["name"] == "zhllama-process"
+        assert d["entrypoint"] == "flows.build.build_model"  # a module path: no working directory needed
         assert d["triggers"][0]["match"]["prefect.resource.id"] == f"zhllama.model.{m.name}"
     assert "build-alpaca-plus-7b" in names and "build-llama-plus-13b" in names and "build-tiny-demo" in names
-    assert names["check-upstream"]["entrypoint"] == "flows/upstream.py:check_upstream"
+    assert names["check-upstream"]["entrypoint"] == "flows.upstream.check_upstream"
 
 
 def test_run_shorthand_names_the_deployment_like_prefect():
@@ -99,7 +102,7 @@ def _store_leftovers(root: Path) -> list[Path]:
     return sorted(p for p in arts.iterdir() if p.name.startswith(TMP_PREFIX)) if arts.is_dir() else []
 
 
-def test_demo_flow_then_all_cache_hits_and_damage_is_rebuilt(prefect_server, tmp_path):  # noqa: F811
+def test_demo_flow_then_all_cache_hits_and_damage_is_rebuilt(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
 
     from flows.build import build_model
@@ -109,10 +112,11 @@ def test_demo_flow_then_all_cache_hits_and_damage_is_rebuilt(prefect_server, tmp
     first = build_model(spec, return_state=True)
     assert first.is_completed(), first.message
     r1 = first.result()
-    labels = [s["label"] for s in r1["stages"]]
+    labels = [s.label for s in r1.stages]
     assert labels[:4] == ["download base", "download lora-0", "download lora-1", "download chinese_sp"]
-    assert {"verify", "tokenizer", "gguf f16", "quantize q4_0", "quantize q8_0", "evaluate q4_0", "report"} <= set(labels)
-    assert not any(s["cached"] for s in r1["stages"])
+    assert {"verify", "tokenizer", "gguf f16", "quantize q4_0", "quantize q8_0", "evaluate f16 (reference)",
+            "evaluate q4_0", "evaluate q8_0", "report"} == set(labels[4:])
+    assert not any(s.cached for s in r1.stages)
     for name in ("tiny-demo-f16.gguf", "tiny-demo-q4_0.gguf", "tiny-demo-q8_0.gguf", "build-lock.json",
                  "report/report.md", "report/report.png", "tokenizer/tokenizer.model"):
         assert (out / name).is_file(), name
@@ -129,35 +133,141 @@ def test_demo_flow_then_all_cache_hits_and_damage_is_rebuilt(prefect_server, tmp
 
     # second run: every stage is a Prefect cache hit
     r2 = build_model(spec)
-    assert [s["state"] for s in r2["stages"]] == ["Cached"] * len(labels), r2["stages"]
-    # the sequential runner computes the very same keys: all store hits
-    seq = build.run_build(spec)
-    assert seq.all_cached and [s.key[:12] for s in seq.stages] == [s["key"] for s in r2["stages"]]
+    assert [s.state for s in r2.stages] == ["Cached"] * len(labels), r2.stages
+    # the plain executor computes the very same keys: all store hits
+    seq = run_build(spec)
+    assert seq.all_cached and [s.key for s in seq.stages] == [s.key for s in r2.stages]
 
     # an altered output is never trusted: quantize q4_0 runs again (and restores the entry)
     store = Store()
-    q4 = next(s for s in r2["stages"] if s["label"] == "quantize q4_0")
-    entry = next(e for e in store.entries() if e.key.startswith(q4["key"]))
+    q4 = next(s for s in r2.stages if s.label == "quantize q4_0")
+    entry = next(e for e in store.entries() if e.key == q4.key)
     victim = entry.path / "tiny-demo-q4_0.gguf"
     good = victim.read_bytes()
     victim.chmod(0o644)
     victim.write_bytes(good[:-10] + b"x" * 10)
     # a deleted output folder is never trusted either
-    q8 = next(s for s in r2["stages"] if s["label"] == "quantize q8_0")
-    q8_entry = next(e for e in store.entries() if e.key.startswith(q8["key"]))
+    q8 = next(s for s in r2.stages if s.label == "quantize q8_0")
+    q8_entry = next(e for e in store.entries() if e.key == q8.key)
     from pipeline_lib.store import _rmtree
 
     _rmtree(q8_entry.path)
     r3 = build_model(spec)
-    states = {s["label"]: s["state"] for s in r3["stages"]}
+    states = {s.label: s.state for s in r3.stages}
     assert states["quantize q4_0"] == "Completed" and states["quantize q8_0"] == "Completed", states
     assert states["gguf f16"] == "Cached" and states["evaluate q4_0"] == "Cached"
     assert victim.read_bytes() == good
     assert store.get(q8_entry.key) is not None
     assert not _store_leftovers(store.root)
 
+    # result records are data: a planted pickle record (as anyone who can write the cache could
+    # leave) is refused, never unpickled, and the stage falls back to the store
+    marker = tmp_path / "pwned"
+    records = store.root / "prefect" / "results"
+    gguf_key = next(s.key for s in r3.stages if s.label == "gguf f16")
+    record = records / f"zhllama-gguf-{gguf_key}"
+    assert record.is_file() and json.loads(record.read_text())["format"] == "zhllama-result/1"
+    record.chmod(0o644)
+    record.write_bytes(_pickle_record(record.name, marker))
+    r4 = build_model(spec)
+    assert not marker.exists(), "a pickled result record was loaded"
+    states = {s.label: (s.state, s.cached) for s in r4.stages}
+    assert states["gguf f16"] == ("Completed", True), states  # recomputed the record: a store hit
+    assert states["quantize q4_0"] == ("Cached", True)
 
-def test_failing_stage_leaves_no_partial_files(prefect_server, tmp_path, monkeypatch):  # noqa: F811
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _pickle_record(key: str, marker: Path) -> bytes:
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    return ResultRecord(metadata=ResultRecordMetadata(storage_key=key, serializer=PickleSerializer()),
+                        result=_Evil(marker)).serialize()
+
+
+def test_one_session_server_for_the_whole_test_run(prefect_server):
+    import _prefect_fixtures
+
+    assert _prefect_fixtures.SESSION_STARTS == 1
+
+
+_HOLD_A_STAGE = """
+import os, sys, time
+from pathlib import Path
+import pipeline_lib.quantize as q
+
+def stuck(*args, **kwargs):
+    Path(os.environ["MARKER"]).write_text(str(os.getpid()))
+    time.sleep(600)
+
+q.quantize = stuck
+from flows.build import build_model
+from pipeline_lib import demo
+build_model(demo.demo_spec(out_dir=sys.argv[1], evaluation=False, quant_types=("q4_0",)))
+"""
+
+
+def test_a_build_killed_while_it_holds_a_stage_lock_does_not_block_the_next(prefect_server, tmp_path):
+    """The real thing: a real flow run (real Prefect, real lock manager) SIGKILLed inside a stage."""
+    import contextvars
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tasks.cache import lock_manager, prefect_dir
+
+    marker = tmp_path / "inside-quantize"
+    env = {**os.environ, **prefect_server.env, "MARKER": str(marker)}
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_A_STAGE, str(tmp_path / "out-killed")], env=env,
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert child.poll() is None, "the child build ended before reaching quantize"
+            assert time.monotonic() < deadline, "the child build never reached quantize"
+            time.sleep(0.2)
+        locks, lock_dir = lock_manager(Store().root), prefect_dir(Store().root) / "locks"
+        held = [p.stem for p in lock_dir.glob("*.lock") if locks.is_locked(p.stem)]
+        assert any(k.startswith("zhllama-quantize-") for k in held), held  # the child holds quantize's lock
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+
+    from flows.build import build_model
+
+    done: dict = {}
+    spec = demo.demo_spec(out_dir=str(tmp_path / "out"), evaluation=False, quant_types=("q4_0",))
+    context = contextvars.copy_context()  # Prefect's settings (the session server) live in the context
+    runner = threading.Thread(target=lambda: context.run(lambda: done.setdefault("r", build_model(spec))),
+                              daemon=True)
+    runner.start()
+    runner.join(timeout=120)
+    assert "r" in done, "the next build waited on the dead build's lock"
+    assert (tmp_path / "out" / "tiny-demo-q4_0.gguf").is_file()
+    assert not any(locks.is_locked(p.stem) for p in lock_dir.glob("*.lock"))
+
+
+def test_plan_prints_the_graph_before_anything_runs(tmp_path, capsys):
+    from flows.cli.main import main
+
+    assert main(["build", "tiny-demo", "--plan", "--quant", "q4_0", "--output", "gguf", "--output", "ggml"]) == 0
+    out = capsys.readouterr().out
+    for line in ("download base", "verify", "tokenizer", "gguf f16", "quantize q4_0", "ggml q4_0",
+                 "evaluate f16 (reference)", "evaluate q4_0", "=> tiny-demo-q4_0.gguf", "=> report/"):
+        assert line in out, line
+    assert not Store().entries(), "--plan ran a stage"
+
+
+def test_failing_stage_leaves_no_partial_files(prefect_server, tmp_path, monkeypatch):
     import pipeline_lib.quantize as quantize_mod
     from flows.build import build_model
 
@@ -179,40 +289,6 @@ def test_failing_stage_leaves_no_partial_files(prefect_server, tmp_path, monkeyp
     assert not out.exists() or not any(out.iterdir()), "nothing is published from a failed build"
 
 
-def test_failed_publish_is_rolled_back(prefect_server, tmp_path, monkeypatch):  # noqa: F811
-    from prefect import flow
-
-    from tasks import stages
-
-    store = Store()
-    entries = {}
-    for i in range(3):
-        def produce(tmp, i=i):
-            (tmp / f"file{i}.bin").write_bytes(os.urandom(100))
-
-        entries[f"out{i}.bin"] = store.get_or_produce("report", version="t", inputs={"i": str(i)}, produce=produce)
-    calls = {"n": 0}
-    real = build._link_or_copy
-
-    def flaky(src, dst):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise OSError("disk full (simulated)")
-        real(src, dst)
-
-    monkeypatch.setattr(build, "_link_or_copy", flaky)
-
-    @flow
-    def publish_only(out_dir: str):
-        return stages.publish(entries, out_dir, {"x": 1})  # one transaction: rolled back as a whole
-
-    out = tmp_path / "published"
-    state = publish_only(str(out), return_state=True)
-    assert state.is_failed()
-    assert calls["n"] == 3
-    assert not [p for p in out.rglob("*") if p.is_file()], "the files published before the failure were removed"
-
-
 def test_tokenizer_stage_rejects_a_lora_tokenizer_that_differs_from_the_merge(tmp_path):
     import shutil
 
@@ -227,7 +303,7 @@ def test_tokenizer_stage_rejects_a_lora_tokenizer_that_differs_from_the_merge(tm
                      chinese_sp={"source": str(root / demo.ROLES["chinese_sp"])}, quant_types=[],
                      evaluation={"enabled": False}, out_dir=str(tmp_path / "out"))
     with pytest.raises(IntegrityError, match="differs from the one LoRA 0 ships"):
-        build.run_build(spec)
+        run_build(spec)
     assert not (tmp_path / "out").exists()
     assert not [e for e in Store().entries() if e.stage == "tokenizer"]
 
@@ -256,14 +332,14 @@ def test_checkpoint_and_legacy_ggml_outputs_sequentially(tmp_path):
     out = tmp_path / "out"
     spec = BuildSpec(model="tiny-demo", outputs=["hf", "pth", "gguf", "ggml"], quant_types=["q4_0"],
                      ggml_types=["f16", "q4_0"], evaluation={"enabled": False}, out_dir=str(out))
-    result = build.run_build(spec)
+    result = run_build(spec)
     labels = [s.label for s in result.stages]
     assert {"merge hf", "merge pth", "gguf f16", "quantize q4_0", "ggml f16", "ggml q4_0"} <= set(labels)
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.model").is_file()
     assert list((out / "pth").glob("consolidated.*.pth")) and (out / "pth" / "params.json").is_file()
     for q in ("f16", "q4_0"):
         assert (out / f"tiny-demo-ggml-{q}.bin").read_bytes()[:4] == b"tjgg"  # ggjt magic, little endian
-    one_pass = build.run_build(spec.model_copy(update={"outputs": ["gguf"], "out_dir": str(tmp_path / "o2")}))
+    one_pass = run_build(spec.model_copy(update={"outputs": ["gguf"], "out_dir": str(tmp_path / "o2")}))
     # the one-pass GGUF (merge stream → GGUF) and the GGUF of the HF checkpoint quantize identically
     q = {s.label: s.key for s in one_pass.stages}["quantize q4_0"]
     assert q == {s.label: s.key for s in result.stages}["quantize q4_0"]
@@ -285,15 +361,15 @@ def test_build_from_hub_sources_records_commits_and_follows_new_revisions(tmp_pa
         spec = BuildSpec(model="hub-chain", base={"source": "test/llama-base"},
                          loras=[{"source": "test/lora-plus"}, {"source": "hf://test/lora-alpaca"}],
                          quant_types=["q4_0"], evaluation={"enabled": False}, out_dir=str(tmp_path / "out"))
-        first = build.run_build(spec)
+        first = run_build(spec)
         lock = json.loads((tmp_path / "out" / "build-lock.json").read_text())
         assert [s["fingerprint"] for s in lock["sources"]] == [
             "hub:" + hub.head(r) for r in ("test/llama-base", "test/lora-plus", "test/lora-alpaca")]
         assert (tmp_path / "out" / "hub-chain-q4_0.gguf").is_file()
-        assert build.run_build(spec).all_cached
+        assert run_build(spec).all_cached
         # a new commit of one LoRA repo: its download and everything after it are recomputed
         hub.commit("test/lora-alpaca", {"README.md": b"new revision, same weights"})
-        again = {s.label: s.cached for s in build.run_build(spec).stages}
+        again = {s.label: s.cached for s in run_build(spec).stages}
         assert again["download lora-1"] is False and again["download base"] is True
         # same weights: the merged outputs have the same content digests, so they stay cached
         assert again["gguf f16"] is True and again["quantize q4_0"] is True
@@ -304,27 +380,9 @@ def test_download_retries_network_errors_but_not_bad_inputs():
     from prefect.states import Failed
 
     from pipeline_lib.errors import IntegrityError
-    from tasks.stages import download, retry_transient
+    from pipeline_lib.pipeline import STAGES
+    from tasks.stage import retry_transient
 
-    assert download.retries == 2
+    assert STAGES["download"].retries == 2 and STAGES["quantize"].retries == 0
     assert retry_transient(None, None, Failed(data=ConnectionError("reset by peer"))) is True
     assert retry_transient(None, None, Failed(data=IntegrityError("sha256 mismatch"))) is False
-
-
-def test_a_lock_left_by_a_killed_process_does_not_block_the_next_run(tmp_path):
-    import socket
-    import subprocess
-    import sys
-
-    from tasks._cache import LivenessLockManager
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)
-    manager = LivenessLockManager(lock_files_directory=tmp_path)
-    (tmp_path / "k.lock").write_text(json.dumps({"holder": f"{socket.gethostname()}:{pid}:1:MainThread",
-                                                 "expiration": None}))
-    assert not manager.is_locked("k")
-    assert manager.acquire_lock("k", holder="me") and manager.is_lock_holder("k", "me")
-    live = f"{socket.gethostname()}:{os.getpid()}:1:MainThread"
-    (tmp_path / "j.lock").write_text(json.dumps({"holder": live, "expiration": None}))
-    assert manager.is_locked("j")  # a live holder keeps its lock

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.futures import wait
+from prefect.futures import as_completed
 
 from pipeline_lib.buildspec import BuildSpec
 from pipeline_lib.pipeline import BuildResult, StageRun, build_graph, plan_build, resolve_deps
 from pipeline_lib.pipeline.execute import prepared_inputs
+from pipeline_lib.pipeline.stages import REPORTER
 from pipeline_lib.store import default_root
 from tasks.stage import for_node, post_artifacts, publish_task
 
@@ -41,17 +42,28 @@ def build_model(spec: BuildSpec) -> BuildResult:
     for node in nodes:
         args = resolve_deps(node, futures) | prepared.get(node.id, {})
         futures[node.id] = for_node(node, store_root).submit(node, args, store_root)
-    wait(list(futures.values()))
+    reporter = REPORTER.get()
+    by_future = {id(f): node for node, f in zip(nodes, futures.values(), strict=True)}
+    done: dict[str, StageRun] = {}
+    for fut in as_completed(list(futures.values())):  # each stage reported as it ends
+        fut.wait()  # settles the future's final state (else .state asks the API, which may lag)
+        node, state = by_future[id(fut)], fut.state
+        if not state.is_completed():
+            continue
+        ref = fut.result()
+        run = done[node.id] = StageRun(node.id, node.label, node.stage, ref["key"], state.name == "Cached" or ref["hit"],
+                                       0.0 if state.name == "Cached" else ref["seconds"], state.name)
+        if reporter is not None:
+            reporter.finished(run)
+        else:
+            logger.info("%s: %s in %.1f s (%s)", run.label, "cache hit" if run.cached else "computed", run.seconds,
+                        run.key[:12])
     for node in nodes:  # the first failure in graph order is the cause; later nodes only waited on it
         state = futures[node.id].state
         if state.is_failed() or state.is_crashed():
             futures[node.id].result()  # raises the stage's own error: the flow fails with its message
     refs = {node.id: futures[node.id].result() for node in nodes}
-    runs = []
-    for node in nodes:
-        ref, state = refs[node.id], futures[node.id].state.name
-        runs.append(StageRun(node.id, node.label, node.stage, ref["key"], state == "Cached" or ref["hit"],
-                             0.0 if state == "Cached" else ref["seconds"], state))
+    runs = [done[node.id] for node in nodes]
     published = publish_task.with_options(task_run_name=f"publish {plan.name}")(plan, nodes, refs, prepared)
     post_artifacts.with_options(task_run_name=f"artifacts {plan.name}")(plan, refs, [r.to_json() for r in runs])
     hits = sum(r.cached for r in runs)

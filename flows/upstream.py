@@ -15,9 +15,14 @@ from prefect.events import emit_event
 from pipeline_lib import upstream
 
 
-@task(name="hub-revisions", retries=2, retry_delay_seconds=10)
-def find_changes(models: list[str]) -> list[upstream.Change]:
-    return upstream.check(models)
+@task(name="hub-revisions", task_run_name="hub revisions of {n} repos", retries=2, retry_delay_seconds=10)
+def find_changes(models: list[str], n: int) -> list[upstream.Change] | None:
+    """The changed repos, or None when the hub cannot be reached (offline: one warning, no failure)."""
+    try:
+        return upstream.check(models)
+    except upstream.HubUnreachable as exc:
+        get_run_logger().warning("upstream check skipped: %s", exc.seen)
+        return None
 
 
 @flow(name="check-upstream", description="Compare the hub commits of each model's repos with the last seen ones.")
@@ -26,7 +31,10 @@ def check_upstream(models: list[str] | None = None) -> list[dict]:
     from pipeline_lib import catalog
 
     logger = get_run_logger()
-    changes = find_changes(models or list(catalog.MODELS))
+    models = models or list(catalog.MODELS)
+    changes = find_changes(models, len({repo for m in models for _, repo in upstream.repos_of(m)}))
+    if changes is None:
+        return []
     by_model: dict[str, list[upstream.Change]] = {}
     for c in changes:
         by_model.setdefault(c.model, []).append(c)

@@ -6,8 +6,10 @@ except the model name: ``BuildSpec(model="alpaca-plus-7b")`` is a complete build
 catalog's Alpaca-Plus 7B with the default sources, outputs and quantization types.
 
 The pseudo-model ``tiny-demo`` names the synthetic release of ``pipeline_lib.demo`` (built
-locally, offline); any other name must be in ``pipeline_lib.catalog``, unless ``base`` and
-``loras`` are given explicitly, which makes a custom build.
+locally, offline); ``custom`` builds the ``base`` and ``loras`` given (named ``name``); any other
+name must be in ``pipeline_lib.catalog`` (display and deployment names are accepted too).
+Choices are enums, defaults are plain values and every field has a title and a description, so
+the JSON schema Prefect renders as the Custom-run form guides the user.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from . import catalog
+from .errors import ZhllamaError
+
 DEMO_MODEL = "tiny-demo"
+CUSTOM_MODEL = "custom"  # explicit base + LoRA sources, named by ``BuildSpec.name``
 
 # The quantization types llama.cpp offers through llama-cpp-python (pipeline_lib.quantize.QUANT_TYPES
 # is the authority; tests/test_flow.py checks that this list agrees with it). Kept here as data so
@@ -27,33 +33,39 @@ QUANT_TYPES: tuple[str, ...] = (
     "q2_K", "q3_K_S", "q3_K_M", "q3_K_L", "q4_K_S", "q4_K_M", "q5_K_S", "q5_K_M", "q6_K",
 )
 GGML_TYPES: tuple[str, ...] = ("f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+MODEL_NAMES: tuple[str, ...] = (*catalog.MODELS, DEMO_MODEL, CUSTOM_MODEL)
 
+# Enums (JSON schema "enum"): the Prefect form offers them as choices, the server refuses others.
+ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
+QuantType = Literal[QUANT_TYPES]  # type: ignore[valid-type]
+GgmlType = Literal[GGML_TYPES]  # type: ignore[valid-type]
 OutputFormat = Literal["hf", "pth", "gguf", "ggml"]
 OutType = Literal["f16", "f32", "bf16"]
 TokenizerName = Literal["llama", "alpaca"]
 
 
-def _known_models() -> set[str]:
-    try:
-        from . import catalog
-    except ImportError:  # catalog not installed yet: accept any name, checked when the build resolves it
-        return set()
-    return set(catalog.MODELS)
+def _did_you_mean(value: str, choices: tuple[str, ...]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(value, choices, n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 class SourceSpec(BaseModel):
     """Where one input comes from, and what its files must hash to."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", title="Source")
 
     source: str = Field(
+        title="Source",
         description="hub repo 'owner/name' (or 'hf://owner/name@rev'), a local folder, an http(s) URL "
         "or a .zip/.tar.gz archive",
         min_length=1,
     )
-    revision: str | None = Field(None, description="hub branch, tag or commit (default: main)")
+    revision: str | None = Field(None, title="Revision", description="hub branch, tag or commit; empty: main")
     sha256: dict[str, str] = Field(
-        default_factory=dict, description="file name -> expected SHA256 (official values; adds to the catalog's)"
+        {}, title="Expected SHA256",
+        description="file name -> expected SHA256 (official values; adds to the catalog's)",
     )
 
     @field_validator("sha256")
@@ -68,77 +80,106 @@ class SourceSpec(BaseModel):
 class EvalOptions(BaseModel):
     """The evaluation stage's knobs (see pipeline_lib.evaluate)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", title="Evaluation")
 
-    enabled: bool = Field(True, description="run the evaluation stage")
-    n_ctx: int = Field(512, ge=16, le=32768, description="context length for perplexity chunks")
-    max_chunks: int | None = Field(8, ge=1, description="perplexity chunks to score (None: the whole text)")
-    generate: bool = Field(True, description="write generation samples for the ten categories")
-    samples_per_category: int = Field(1, ge=0, le=50, description="prompts per category to decode")
-    max_new_tokens: int = Field(64, ge=1, le=4096)
-    text: str | None = Field(None, description="evaluation text file (default: the packaged held-out text)")
+    enabled: bool = Field(True, title="Evaluate", description="run the evaluation stage (perplexity, KL against "
+                          "the float model, speed, samples)")
+    n_ctx: int = Field(512, ge=16, le=32768, title="Context length",
+                       description="tokens per perplexity chunk (llama-perplexity's -c)")
+    max_chunks: int | None = Field(8, ge=1, title="Chunks", description="perplexity chunks to score; empty: the "
+                                   "whole text")
+    generate: bool = Field(True, title="Generation samples", description="decode sample answers for the ten "
+                           "prompt categories")
+    samples_per_category: int = Field(1, ge=0, le=50, title="Samples per category",
+                                      description="prompts decoded per category")
+    max_new_tokens: int = Field(64, ge=1, le=4096, title="Max new tokens", description="tokens per sample answer")
+    text: str | None = Field(None, title="Evaluation text", description="a UTF-8 text file; empty: the packaged "
+                             "held-out Chinese and English text")
 
 
 class BuildSpec(BaseModel):
     """One build: a catalog model (or the demo, or explicit sources) and what to produce from it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", title="Build")
 
-    model: str = Field(description="catalog name such as 'alpaca-plus-7b', or 'tiny-demo'", min_length=1)
-    base: SourceSpec | None = Field(None, description="override the base LLaMA source")
-    loras: list[SourceSpec] | None = Field(
-        None, description="override the LoRA sources, in merge order (same length as the model's chain)"
-    )
-    chinese_sp: SourceSpec | None = Field(
-        None, description="chinese_sp.model for the tokenizer merge check (default: the catalog's, if any)"
-    )
-    tokenizer: TokenizerName | None = Field(None, description="tokenizer kind (default: the catalog's)")
-    outputs: list[OutputFormat] = Field(default_factory=lambda: ["gguf"], min_length=1,
-                                        description="what to write: hf, pth, gguf, ggml")
-    outtype: OutType = Field("f16", description="GGUF float type before quantization")
-    quant_types: list[str] = Field(default_factory=lambda: ["q4_0", "q8_0"],
-                                   description="llama.cpp quantization types, one file each")
-    ggml_types: list[str] = Field(default_factory=lambda: ["q4_0"], description="legacy GGML types")
-    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="merged weights' dtype")
-    evaluation: EvalOptions = Field(default_factory=EvalOptions)
-    out_dir: str | None = Field(None, description="folder to publish the results in "
-                                "(default: $ZHLLAMA_HOME/builds/<model>)")
+    model: ModelName = Field(title="Model", description="the release's model to build (`zhllama catalog` lists "
+                             "them); 'tiny-demo' builds the offline demo; 'custom' builds the base and LoRA "
+                             "sources given below")
+    outputs: list[OutputFormat] = Field(["gguf"], min_length=1, title="Outputs", description="what to write: hf "
+                                        "(safetensors), pth (Meta consolidated.NN.pth), gguf (llama.cpp), ggml "
+                                        "(legacy ggjt v3 for 2023 tools)", json_schema_extra={"uniqueItems": True})
+    quant_types: list[QuantType] = Field(["q4_0", "q8_0"], title="Quantization types",
+                                         description="llama.cpp quantizations of the GGUF, one file each",
+                                         json_schema_extra={"uniqueItems": True})
+    ggml_types: list[GgmlType] = Field(["q4_0"], title="Legacy GGML types",
+                                       description="types of the legacy GGML files (with 'ggml' in outputs)",
+                                       json_schema_extra={"uniqueItems": True})
+    evaluation: EvalOptions = Field(EvalOptions(), title="Evaluation",
+                                    description="perplexity, KL and speed of each GGUF variant, and samples")
+    out_dir: str | None = Field(None, title="Output folder", description="where the finished build is "
+                                "published; empty: $ZHLLAMA_HOME/builds/MODEL")
+    base: SourceSpec | None = Field(None, title="Base model source", description="override the catalog's base "
+                                    "LLaMA (a hub repo, a local folder, a URL or an archive)")
+    loras: list[SourceSpec] | None = Field(None, title="LoRA sources", description="override the catalog's LoRAs, "
+                                           "in merge order (LLaMA-Plus first for Plus/Pro Alpaca)")
+    chinese_sp: SourceSpec | None = Field(None, title="chinese_sp.model source", description="the Chinese "
+                                          "sentencepiece model the tokenizer is merged from; empty: the release's")
+    tokenizer: TokenizerName | None = Field(None, title="Tokenizer kind", description="llama (49953 pieces) or "
+                                            "alpaca (49954, with [PAD]); empty: the model's")
+    outtype: OutType = Field("f16", title="GGUF float type", description="the float GGUF quantizations start from")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", title="Merged dtype",
+                                                             description="dtype of the merged weights")
+    name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", title="Build name",
+                             description="name of a custom build (files and folder are named after it)")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_name(cls, value: object) -> object:
+        if not isinstance(value, str) or value in MODEL_NAMES:
+            return value
+        key = value.strip().lower()
+        if key in MODEL_NAMES:
+            return key
+        try:  # display names ('Chinese-Alpaca-Plus-7B') and deployment names ('build-alpaca-plus-7b')
+            return catalog.get(key).name
+        except ZhllamaError:
+            raise ValueError(f"unknown model {value!r}{_did_you_mean(key, MODEL_NAMES)} (`zhllama catalog` lists "
+                             f"them; '{DEMO_MODEL}' is the demo; '{CUSTOM_MODEL}' with base and loras builds "
+                             "your own chain)") from None
 
     @field_validator("outputs")
     @classmethod
     def _unique_outputs(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
 
-    @field_validator("quant_types")
+    @field_validator("quant_types", mode="before")
     @classmethod
-    def _quant_types(cls, value: list[str]) -> list[str]:
+    def _quant_types(cls, value: object) -> object:
+        if not isinstance(value, list | tuple):
+            return value
         lowered = {t.lower(): t for t in QUANT_TYPES}
         out = []
         for t in value:
-            if t.lower() not in lowered:
-                raise ValueError(f"unknown quantization type {t!r}; choose from {', '.join(QUANT_TYPES)}")
+            if not isinstance(t, str) or t.lower() not in lowered:
+                raise ValueError(f"unknown quantization type {t!r}{_did_you_mean(str(t).lower(), tuple(lowered))}; "
+                                 f"choose from {', '.join(QUANT_TYPES)}")
             out.append(lowered[t.lower()])
         return list(dict.fromkeys(out))
 
-    @field_validator("ggml_types")
+    @field_validator("ggml_types", mode="before")
     @classmethod
-    def _ggml_types(cls, value: list[str]) -> list[str]:
+    def _ggml_types(cls, value: object) -> object:
+        if not isinstance(value, list | tuple):
+            return value
         for t in value:
             if t not in GGML_TYPES:
                 raise ValueError(f"unknown legacy GGML type {t!r}; choose from {', '.join(GGML_TYPES)}")
         return list(dict.fromkeys(value))
 
     @model_validator(mode="after")
-    def _model_known(self) -> BuildSpec:
-        custom = self.base is not None and self.loras is not None
-        if self.model != DEMO_MODEL and not custom:
-            known = _known_models()
-            if known and self.model not in known:
-                close = sorted(n for n in known if self.model.split("-")[0] in n)[:6]
-                raise ValueError(
-                    f"unknown model {self.model!r}; choose a catalog name ({', '.join(close or sorted(known)[:6])}, "
-                    f"...; `zhllama catalog` lists all), '{DEMO_MODEL}', or give both base and loras"
-                )
+    def _consistent(self) -> BuildSpec:
+        if self.model == CUSTOM_MODEL and (self.base is None or not self.loras):
+            raise ValueError("a custom build needs both base and loras (in merge order)")
         # Asking for quantization types without GGUF output is a contradiction; the default types
         # simply do not apply to a build that writes only a checkpoint.
         if "gguf" not in self.outputs and self.quant_types and "quant_types" in self.model_fields_set:
@@ -147,10 +188,11 @@ class BuildSpec(BaseModel):
 
     @property
     def build_name(self) -> str:
-        return self.model
+        """What the build's files and folder are named after: the model, or a custom build's name."""
+        return self.name or self.model
 
     def output_dir(self, home: Path) -> Path:
-        return Path(self.out_dir).expanduser() if self.out_dir else home / "builds" / self.model
+        return Path(self.out_dir).expanduser() if self.out_dir else home / "builds" / self.build_name
 
     @property
     def one_pass(self) -> bool:

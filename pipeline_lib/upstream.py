@@ -4,7 +4,9 @@
 LoRAs), compares it with the last seen commit recorded in ``$ZHLLAMA_HOME/upstream.json`` and
 returns one ``Change`` per (model, repo) that moved. The first sighting of a repo is recorded as
 the baseline and is not a change (the weekly scheduled rebuild covers never-built models).
-The state file is written atomically after every check.
+The state file is written atomically after every check. A hub that cannot be reached at all
+(no network, DNS failure) raises :class:`HubUnreachable`, which the scheduled check treats as
+"no news today" rather than a failure.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ZhllamaError
 from .fsutil import write_text_atomic
 from .store import default_root
 
@@ -37,6 +40,29 @@ class Change:
     role: str  # "base" | "lora-0" | ...
     old: str
     new: str
+
+
+class HubUnreachable(ZhllamaError):
+    """The hub could not be reached at all (network down, DNS): nothing can be said about upstream."""
+
+
+def _is_offline(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is a failure to connect, not an answer."""
+    import socket
+
+    try:
+        import httpx
+
+        network: tuple[type[BaseException], ...] = (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError,
+                                                     socket.gaierror)
+    except ImportError:  # pragma: no cover - huggingface_hub depends on httpx
+        network = (ConnectionError, socket.gaierror)
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, network):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def repos_of(model: str) -> list[tuple[str, str]]:
@@ -69,7 +95,14 @@ def check(models: Sequence[str], *, state_path: str | os.PathLike[str] | None = 
     for model in models:
         for role, repo in repos_of(model):
             if repo not in heads:
-                heads[repo] = resolve(repo)
+                try:
+                    heads[repo] = resolve(repo)
+                except Exception as exc:
+                    if not _is_offline(exc):
+                        raise
+                    raise HubUnreachable(f"the hub could not be reached to check {repo} ({type(exc).__name__}: {exc})",
+                                         fix="nothing to do if this machine is offline; the check runs again "
+                                             "tomorrow (set HF_ENDPOINT for a mirror)") from None
             old = state.get(repo)
             if old is not None and old != heads[repo]:
                 changes.append(Change(model=model, repo=repo, role=role, old=old, new=heads[repo]))

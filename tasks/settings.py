@@ -4,3 +4,5 @@
 MEMORY_LIMIT = "zhllama-memory-heavy"
 # The process work pool every deployment runs on (`zhllama server` creates it).
 WORK_POOL = "zhllama-process"
+# The pool's queue the real model builds run on; its concurrency limit (1) lets one run at a time.
+BUILD_QUEUE = "builds"

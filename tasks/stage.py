@@ -28,8 +28,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib.errors import DiskSpaceError, InputError, IntegrityError
+from pipeline_lib.fsutil import human_bytes
 from pipeline_lib.pipeline import STAGES, StageNode, run_stage
-from pipeline_lib.pipeline.stages import PROGRESS
+from pipeline_lib.pipeline.stages import PROGRESS, progress_to
 from pipeline_lib.store import Store
 
 from .cache import cache_options, request_of
@@ -125,7 +126,7 @@ def stage_task(node: StageNode, inputs: dict[str, Any], store_root: str) -> dict
     request = request_of(store, node, inputs)
     heavy = STAGES[node.stage].heavy
     progress = _ProgressArtifact(node.label) if heavy else None
-    token = PROGRESS.set(progress)
+    token = PROGRESS.set(progress_to(node.label, progress))
     try:
         with memory_slot(heavy):
             entry = run_stage(store, request)
@@ -176,8 +177,9 @@ def post_artifacts(plan, refs: dict[str, dict[str, Any]], stages: list[dict[str,
     if "verify" in refs:
         rows = json.loads((entry_of(store, refs["verify"]).path / "verify.json").read_text(encoding="utf-8"))["files"]
         create_table_artifact(key=f"{slug}-verify", table=[
-            {k: r[k] for k in ("role", "file", "size", "status", "against")} | {"sha256": r["sha256"][:16] + "…"}
-            for r in rows], description=f"{name}: SHA256 verification")
+            {"role": r["role"], "file": r["file"], "size": human_bytes(r["size"]), "status": r["status"],
+             "against": r["against"], "sha256": r["sha256"]} for r in rows],
+            description=f"{name}: SHA256 verification (full digests; also in build-lock.json)")
     if "tokenizer" in refs:
         check = json.loads((entry_of(store, refs["tokenizer"]).path / "check.json").read_text(encoding="utf-8"))
         create_table_artifact(key=f"{slug}-tokenizer", table=check["loras"] or [{"status": "no LoRA tokenizers"}],

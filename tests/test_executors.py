@@ -40,7 +40,7 @@ def _spec(root: Path, outputs: tuple[str, ...], evaluation: bool, out: Path) -> 
     def src(role: str) -> dict:
         return {"source": str(root / demo.ROLES[role]), "sha256": table[demo.ROLES[role]]}
 
-    return BuildSpec(model="parity", base=src("base"), loras=[src("lora-0"), src("lora-1")],
+    return BuildSpec(model="custom", name="parity", base=src("base"), loras=[src("lora-0"), src("lora-1")],
                      chinese_sp=src("chinese_sp"), tokenizer="alpaca", outputs=list(outputs),
                      quant_types=["q4_0"] if "gguf" in outputs else [], ggml_types=["q4_0"],
                      evaluation={"enabled": evaluation, "n_ctx": 32, "max_chunks": 1, "generate": False},

@@ -37,7 +37,7 @@ def test_buildspec_rejects_bad_values_with_clear_messages():
     with pytest.raises(ValidationError, match="outputs"):
         BuildSpec(model="alpaca-plus-7b", outputs=["safetensors"])
     with pytest.raises(ValidationError, match="64 hex digits"):
-        BuildSpec(model="x", base={"source": "a/b", "sha256": {"f.bin": "abc"}}, loras=[{"source": "c/d"}])
+        BuildSpec(model="custom", base={"source": "a/b", "sha256": {"f.bin": "abc"}}, loras=[{"source": "c/d"}])
     with pytest.raises(ValidationError, match="extra"):
         BuildSpec(model="alpaca-plus-7b", quantize=["q4_0"])
     with pytest.raises(ValidationError, match="needs 'gguf' in outputs"):
@@ -53,15 +53,33 @@ def test_quant_types_agree_with_llama_cpp_table():
     assert tuple(LIB_TYPES) == QUANT_TYPES
 
 
-def test_flow_parameters_render_as_a_form():
+def _resolve(schema: dict, node: dict) -> dict:
+    while "$ref" in node:
+        node = {**schema["definitions"][node["$ref"].split("/")[-1]], **{k: v for k, v in node.items() if k != "$ref"}}
+    return node
+
+
+def test_flow_parameters_render_as_a_guiding_form():
+    """The schema the Prefect UI renders as the Custom-run form: choices, defaults, titles."""
     from flows.build import build_model
+    from pipeline_lib import catalog
+    from pipeline_lib.buildspec import GGML_TYPES
 
     schema = build_model.parameters.model_dump()
-    spec_ref = schema["properties"]["spec"]
     assert "spec" in schema["required"]
-    definitions = schema.get("definitions") or schema.get("$defs")
-    assert "BuildSpec" in json.dumps(spec_ref) and "quant_types" in definitions["BuildSpec"]["properties"]
-    assert definitions["BuildSpec"]["properties"]["outputs"]["items"]["enum"] == ["hf", "pth", "gguf", "ggml"]
+    spec = _resolve(schema, schema["properties"]["spec"])
+    props = {k: _resolve(schema, v) for k, v in spec["properties"].items()}
+    assert props["model"]["enum"] == [*catalog.MODELS, "tiny-demo", "custom"]
+    assert props["quant_types"]["items"]["enum"] == list(QUANT_TYPES) and props["quant_types"]["uniqueItems"]
+    assert props["ggml_types"]["items"]["enum"] == list(GGML_TYPES)
+    assert props["outputs"]["items"]["enum"] == ["hf", "pth", "gguf", "ggml"] and props["outputs"]["uniqueItems"]
+    assert props["outputs"]["default"] == ["gguf"] and props["quant_types"]["default"] == ["q4_0", "q8_0"]
+    assert props["evaluation"]["default"]["enabled"] is True and props["outtype"]["default"] == "f16"
+    for name, prop in list(props.items()) + [(f"evaluation.{k}", v) for k, v in props["evaluation"]["properties"].items()] \
+            + [(f"source.{k}", v) for k, v in _resolve(schema, {"$ref": "#/definitions/SourceSpec"})["properties"].items()]:
+        assert prop.get("title") and prop.get("description"), f"{name} has no title or description"
+        assert "<" not in prop["description"], f"{name}: the V1 UI eats <...> in descriptions"
+    assert spec["required"] == ["model"]
 
 
 def test_deployments_yaml_is_in_sync_with_the_catalog():
@@ -299,7 +317,7 @@ def test_tokenizer_stage_rejects_a_lora_tokenizer_that_differs_from_the_merge(tm
     shutil.copytree(root / demo.ROLES["lora-0"], lora)
     (lora / "tokenizer.model").unlink()
     shutil.copyfile(root / demo.ROLES["base"] / "tokenizer.model", lora / "tokenizer.model")  # LLaMA's, unmerged
-    spec = BuildSpec(model="custom-odd", base={"source": str(root / demo.ROLES["base"])}, loras=[{"source": str(lora)}],
+    spec = BuildSpec(model="custom", name="custom-odd", base={"source": str(root / demo.ROLES["base"])}, loras=[{"source": str(lora)}],
                      chinese_sp={"source": str(root / demo.ROLES["chinese_sp"])}, quant_types=[],
                      evaluation={"enabled": False}, out_dir=str(tmp_path / "out"))
     with pytest.raises(IntegrityError, match="differs from the one LoRA 0 ships"):
@@ -358,7 +376,7 @@ def test_build_from_hub_sources_records_commits_and_follows_new_revisions(tmp_pa
              "test/lora-alpaca": files(demo.ROLES["lora-1"])}
     with FakeHub(repos) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        spec = BuildSpec(model="hub-chain", base={"source": "test/llama-base"},
+        spec = BuildSpec(model="custom", name="hub-chain", base={"source": "test/llama-base"},
                          loras=[{"source": "test/lora-plus"}, {"source": "hf://test/lora-alpaca"}],
                          quant_types=["q4_0"], evaluation={"enabled": False}, out_dir=str(tmp_path / "out"))
         first = run_build(spec)

@@ -31,7 +31,9 @@ COMMANDS: dict[str, str] = {
     "demo": "flow",
     "build": "flow",
     "run": "flow",
-    "server": "flow",
+    "server": "server",
+    "deploy": "server",
+    "schedule": "server",
 }
 
 

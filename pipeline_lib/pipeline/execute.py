@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from ..store import Entry, Store
 from .graph import StageNode, build_graph, resolve_deps
 from .plan import BuildPlan, plan_build
 from .publishing import publish
-from .stages import STAGES, request_for, run_stage
+from .stages import PROGRESS, REPORTER, STAGES, Reporter, request_for, run_stage
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,12 @@ def publish_build(plan: BuildPlan, nodes: tuple[StageNode, ...], entries: Mappin
                    lock=build_lock(plan, downloads, prepared))
 
 
-def run_build(spec: BuildSpec, *, store: Store | None = None,
-              on_stage: Callable[[StageRun], None] | None = None) -> BuildResult:
-    """Run the whole graph in order, without Prefect. Same keys and outputs as the flow."""
+def run_build(spec: BuildSpec, *, store: Store | None = None, reporter: Reporter | None = None) -> BuildResult:
+    """Run the whole graph in order, without Prefect. Same keys and outputs as the flow.
+
+    ``reporter`` (default: the context's ``stages.REPORTER``) hears each stage's progress and end."""
     store = store or Store()
+    reporter = reporter or REPORTER.get()
     t_start = time.perf_counter()
     plan = plan_build(spec, store_root=store.root)
     nodes = build_graph(plan)
@@ -96,10 +98,15 @@ def run_build(spec: BuildSpec, *, store: Store | None = None,
     for node in nodes:
         t0 = time.perf_counter()
         request = request_for(node, resolve_deps(node, entries) | prepared.get(node.id, {}))
-        entry = entries[node.id] = run_stage(store, request)
+        token = PROGRESS.set(None if reporter is None else
+                             (lambda f, t, label=node.label: reporter.progress(label, f, t)))
+        try:
+            entry = entries[node.id] = run_stage(store, request)
+        finally:
+            PROGRESS.reset(token)
         run = StageRun(node.id, node.label, node.stage, entry.key, entry.cached, time.perf_counter() - t0)
         runs.append(run)
-        if on_stage is not None:
-            on_stage(run)
+        if reporter is not None:
+            reporter.finished(run)
     published = publish_build(plan, nodes, entries, prepared)
     return BuildResult(plan.name, plan.out_dir, published, tuple(runs), time.perf_counter() - t_start)

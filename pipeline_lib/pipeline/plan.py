@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..buildspec import DEMO_MODEL, BuildSpec, SourceSpec
+from ..buildspec import CUSTOM_MODEL, DEMO_MODEL, BuildSpec, SourceSpec
 from ..download import Source, parse_source, redact_url
 from ..errors import InputError
 from ..fsutil import sha256_bytes
@@ -111,21 +111,23 @@ def plan_build(spec: BuildSpec, *, store_root: str | os.PathLike[str] | None = N
 
     root = Path(store_root) if store_root is not None else default_root()
     model: str | None = None
-    if spec.model == DEMO_MODEL and spec.base is None:
+    if spec.model == CUSTOM_MODEL:
+        base, loras, chinese_sp = spec.base, list(spec.loras or []), spec.chinese_sp
+        tokenizer, display, vocab = spec.tokenizer or "alpaca", f"custom build {spec.build_name}", None
+    elif spec.model == DEMO_MODEL:
         from ..demo import demo_sources
 
         base, loras, chinese_sp, tokenizer = demo_sources(root)
+        base, loras = spec.base or base, list(spec.loras) if spec.loras is not None else loras
+        chinese_sp, tokenizer = spec.chinese_sp or chinese_sp, spec.tokenizer or tokenizer
         display, vocab = "Tiny demo (synthetic Chinese-Alpaca-Plus)", None
-    elif spec.base is not None and spec.loras is not None and spec.model not in catalog.MODELS:
-        base, loras, chinese_sp = spec.base, list(spec.loras), spec.chinese_sp
-        tokenizer, display, vocab = spec.tokenizer or "alpaca", spec.model, None
     else:
         base, loras, chinese_sp, tokenizer, display, vocab = _catalog_sources(spec)
         model = catalog.get(spec.model).name
     sources = [_ref("base", "base", base)] + [_ref(f"lora-{i}", "lora", s) for i, s in enumerate(loras)]
     if chinese_sp is not None:
         sources.append(_ref("chinese_sp", "chinese_sp", chinese_sp))
-    return BuildPlan(spec=spec, name=spec.model, display=display, sources=tuple(sources), tokenizer=tokenizer,
+    return BuildPlan(spec=spec, name=spec.build_name, display=display, sources=tuple(sources), tokenizer=tokenizer,
                      vocab_size=vocab, out_dir=spec.output_dir(root), store_root=root, catalog_model=model)
 
 

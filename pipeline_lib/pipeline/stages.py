@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..fsutil import sha256_bytes, write_text_atomic
 from ..store import Entry, Store, canonical_json
@@ -72,6 +72,35 @@ class StageDef:
 # executor around run_stage (the Prefect task sets one that updates a progress artifact).
 PROGRESS: contextvars.ContextVar[Callable[[float, str], None] | None] = contextvars.ContextVar(
     "zhllama_progress", default=None)
+
+
+class Reporter(Protocol):
+    """Who watches a build (the CLI's console): progress of running stages, each stage as it ends."""
+
+    def progress(self, label: str, fraction: float, text: str) -> None: ...
+
+    def finished(self, run: Any) -> None: ...  # a StageRun
+
+
+# The watcher of builds started in this context (set by the CLI; both executors report to it, and
+# Prefect copies the context into its task threads). None: nobody watches (a worker's flow run).
+REPORTER: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar("zhllama_reporter", default=None)
+
+
+def progress_to(label: str, *callbacks: Callable[[float, str], None] | None) -> Callable[[float, str], None] | None:
+    """One PROGRESS callback feeding ``callbacks`` and the context's reporter (None if nobody listens)."""
+    reporter = REPORTER.get()
+    sinks = [c for c in callbacks if c is not None]
+    if reporter is not None:
+        sinks.append(lambda f, t: reporter.progress(label, f, t))
+    if not sinks:
+        return None
+
+    def report(fraction: float, text: str) -> None:
+        for sink in sinks:
+            sink(fraction, text)
+
+    return report
 
 
 def report_progress(fraction: float, text: str) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _gguf_fixtures import gguf_fields, gguf_tensors, llama_logits
 
-from pipeline_lib import cli
+from flows.cli import main as cli
 from pipeline_lib.errors import InputError
 from pipeline_lib.gguf_export import convert
 from pipeline_lib.quantize import QUANT_TYPES, output_name, quantize, resolve_type

@@ -211,3 +211,20 @@ def test_claim_refuses_unwritable_parent(tmp_path):
 
 def test_claim_returns_path_objects(tmp_path):
     assert isinstance(claim_output(str(tmp_path / "a"), kind="file"), Path)
+
+
+def test_store_produce_on_a_full_disk(small_fs):
+    from pipeline_lib.store import Store
+
+    store = Store(small_fs / "store")
+
+    def produce(d):
+        with open(d / "big.bin", "wb") as fh:
+            for _ in range(8):
+                fh.write(os.urandom(512 * 1024))
+
+    with pytest.raises(DiskSpaceError, match="the disk filled up while writing") as err:
+        store.get_or_produce("merge", version="1", inputs={"x": "1"}, produce=produce)
+    assert "free on that filesystem" in str(err.value)
+    assert list(store.artifacts.iterdir()) == []  # no half-written entry, no temporary
+    assert store.gc() == [] or all(r.startswith("stale lock") for r in store.gc())

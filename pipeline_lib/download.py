@@ -149,6 +149,31 @@ _SCRUB_PATTERNS = (
 REDACTED = "***"
 
 
+# The HTTP transport's DEBUG log prints every response header; a careless mirror puts the request's
+# Authorization header into its error headers, so that log would carry the token. It is kept at
+# INFO unless someone set its level on purpose.
+for _name in ("httpcore", "httpcore2"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.INFO)
+
+
+class SecretFilter(logging.Filter):
+    """A logging filter that scrubs tokens (the environment's, bearer values) from every record it sees.
+
+    The CLI puts it on its stderr handler, as a second line of defence behind :func:`scrub`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record: leave it to the handler
+            return True
+        clean = scrub(text, secrets=[os.environ[k] for k in _TOKEN_ENV if len(os.environ.get(k, "")) >= 4])
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
 def known_secrets(token: str | None = None) -> list[str]:
     """Token values that must never appear in a message: the call's, the environment's, the login's."""
     found = [token] if token else []

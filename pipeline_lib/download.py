@@ -683,6 +683,8 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
                     "(a proxy or mirror may be altering the transfer)")
         checked[f.path] = (sha, matched)
 
+    _sweep_hf_partials(cache, storage, files)
+
     # 4. place into out (hard links into the HF cache where possible)
     out.mkdir(parents=True, exist_ok=True)
     artifacts = []
@@ -698,6 +700,37 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
     lock = _lock(src, "hub", files=artifacts, out=out, include=include, repo=repo, revision=revision,
                  commit=commit, endpoint=redact_url(endpoint))
     return DownloadResult(src.text, "hub", out, tuple(artifacts), commit, lock)
+
+
+def _sweep_hf_partials(cache: Path, storage: Path, files: Sequence[_HubFile]) -> None:
+    """Remove the HF client's partial downloads of ``files`` that no process is writing any more.
+
+    The client downloads a blob into ``blobs/<etag>.<random>.incomplete`` while holding the
+    ``flock`` of ``.locks/<repo folder>/<etag>.lock``, and a killed client leaves that file behind
+    (a new run never resumes it). With the lock free, nobody writes those files: they go.
+    """
+    import fcntl
+
+    for f in files:
+        partials = list((storage / "blobs").glob(_glob_escape(f.etag) + "*.incomplete"))
+        lock = cache / ".locks" / storage.name / f"{f.etag}.lock"
+        if not partials or not lock.is_file():
+            continue
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # being downloaded right now
+            os.close(fd)
+            continue
+        try:
+            for p in partials:
+                p.unlink(missing_ok=True)
+                log.info("removed %s, a partial download of an interrupted run", p)
+        finally:
+            os.close(fd)
 
 
 def _cached_listing(storage: Path, revision: str) -> tuple[str, dict] | None:

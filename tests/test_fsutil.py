@@ -227,4 +227,4 @@ def test_store_produce_on_a_full_disk(small_fs):
         store.get_or_produce("merge", version="1", inputs={"x": "1"}, produce=produce)
     assert "free on that filesystem" in str(err.value)
     assert list(store.artifacts.iterdir()) == []  # no half-written entry, no temporary
-    assert store.gc() == [] or all(r.startswith("stale lock") for r in store.gc())
+    assert all(r.startswith("stale lock") for r in store.gc())

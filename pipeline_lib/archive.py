@@ -7,8 +7,8 @@ whole archive, before a byte is written, if any member:
 - is a symlink whose target leaves the destination once resolved, or a hard link to something
   outside it (or to a member not seen before it);
 - is a device, FIFO or other special file;
-- sits below a member that is a link (``a`` → ``/etc`` then ``a/passwd``), or is a link where
-  another member is a folder or lies below;
+- sits below a member that is a link (``a`` → ``/etc`` then ``a/passwd``) or a file, is a link
+  where another member is a folder or lies below, or is a file where another member made a folder;
 - would exceed the member-count or total-size limits, or a zip member whose compression ratio
   looks like a zip bomb.
 
@@ -26,7 +26,8 @@ import shutil
 import stat
 import tarfile
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
@@ -57,6 +58,8 @@ class ExtractionPlan:
     format: str  # "zip" | "tar"
     members: tuple[Member, ...]
     total_bytes: int
+    # how often each kept name occurs: only its last occurrence is extracted (as tar itself would leave it)
+    occurrences: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,13 @@ def plan_extraction(archive: str | os.PathLike[str], *, include: list[str] | Non
         for i in range(len(parents)):
             if "/".join(parents[:i + 1]) in links:
                 raise _reject(archive, f"member {m.name!r} lies below a link member ({'/'.join(parents[:i + 1])!r})")
+            above = seen.get("/".join(parents[:i + 1]))
+            if above is not None and above.kind != "dir":
+                raise _reject(archive, f"member {m.name!r} lies below the file member {above.name!r}")
+        if m.kind in ("file", "hardlink") and m.name in folders:
+            raise _reject(archive, f"member {m.name!r} replaces a folder of the archive (other members lie in it)")
+        if m.kind == "dir" and m.name in seen and seen[m.name].kind != "dir":
+            raise _reject(archive, f"folder member {m.name!r} replaces a file member of the same name")
         if m.kind == "symlink":
             if not _link_stays_inside(m.name, m.target or "", symlinks):
                 raise _reject(archive, f"symlink {m.name!r} -> {m.target!r} points outside the archive folder "
@@ -245,11 +255,16 @@ def plan_extraction(archive: str | os.PathLike[str], *, include: list[str] | Non
     kept_names = {m.name for m in members if m.name and _selected(m, include)}
     kept_names |= {m.target for m in members if m.kind == "hardlink" and m.name in kept_names}
     kept = [seen[m.name] if m.kind == "hardlink" else m for m in members if m.name in kept_names]
-    total = sum(m.size for m in kept if m.kind in ("file", "hardlink"))
+    occurrences: dict[str, int] = {}
+    for m in kept:
+        occurrences[m.name] = occurrences.get(m.name, 0) + 1
+    last = {m.name: m for m in kept}
+    total = sum(m.size for m in last.values() if m.kind in ("file", "hardlink"))
     if total > max_bytes:
         raise _reject(archive, f"declares {human_bytes(total)} of content (limit {human_bytes(max_bytes)})",
                       fix="raise max_bytes if this archive is trusted")
-    return ExtractionPlan(archive=archive, format=fmt, members=tuple(kept), total_bytes=total)
+    return ExtractionPlan(archive=archive, format=fmt, members=tuple(kept), total_bytes=total,
+                          occurrences=occurrences)
 
 
 def _selected(m: Member, include: list[str] | None) -> bool:
@@ -312,7 +327,8 @@ def extract_archive(archive: str | os.PathLike[str], *, out: str | os.PathLike[s
 def _extract_into(plan: ExtractionPlan, root: Path, written: list[str]) -> None:
     os.chmod(root, 0o755)
     fmt, handle = _open(plan.archive)
-    wanted = {m.name: m for m in plan.members}
+    wanted = {m.name: m for m in plan.members}  # the last occurrence of each name
+    seen: dict[str, int] = {}
     with handle:
         if fmt == "zip":
             items = ((info.filename, info) for info in handle.infolist())
@@ -323,6 +339,9 @@ def _extract_into(plan: ExtractionPlan, root: Path, written: list[str]) -> None:
             m = wanted.get(name)
             if m is None:
                 continue
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] < plan.occurrences.get(name, 1):
+                continue  # a later member of the same name replaces this one: extract only that one
             dest = root / name
             if not _inside(root, dest.parent if m.kind != "dir" else dest):
                 raise _reject(plan.archive, f"member {raw!r} would be written outside the folder")

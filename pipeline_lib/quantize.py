@@ -15,6 +15,7 @@ scanned for NaN/Inf so the error names the tensor instead of blaming the convers
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -200,11 +201,22 @@ def quantize(gguf_path: str | os.PathLike[str], *, qtypes: Sequence[str], out_di
     n_params, src_tensor_bytes = gguf_stats(src, reader)
     del reader
     need = sum(int(n_params * _PLAN_BPW[q] / 8) for q in types) + src.stat().st_size - src_tensor_bytes
-    out_dir.mkdir(parents=True, exist_ok=True)
     check_disk_space(out_dir, need, what=f"{len(types)} quantized file(s)")
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        outputs = _quantize_all(src, outs, n_params, threads=threads, on_progress=on_progress)
+    except BaseException:
+        if made:  # a folder this call created and nothing finished in it: leave no trace
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+    return QuantizeResult(source=src, source_bytes=src.stat().st_size, outputs=tuple(outputs))
+
+
+def _quantize_all(src: Path, outs: dict[str, Path], n_params: int, *, threads, on_progress) -> list[QuantizedFile]:
     outputs = []
-    for q in types:
-        out = outs[q]
+    for q, out in outs.items():
         t0 = time.perf_counter()
         with bar(None, f"quantize {q}", unit="tensor") as pbar:
             def on_tensor(i: int, n: int, q=q, pbar=pbar) -> None:
@@ -220,4 +232,4 @@ def quantize(gguf_path: str | os.PathLike[str], *, qtypes: Sequence[str], out_di
                             bits_per_weight=tensor_bytes * 8 / n_params, seconds=time.perf_counter() - t0)
         log.info("%s: %s, %.2f bits per weight", out, human_bytes(res.file_bytes), res.bits_per_weight)
         outputs.append(res)
-    return QuantizeResult(source=src, source_bytes=src.stat().st_size, outputs=tuple(outputs))
+    return outputs

@@ -199,6 +199,8 @@ def ctx(tiny_release, tmp_path_factory):
 def test_kill_points_cover_every_stage():
     assert len(KILL_POINTS) >= 30
     assert {s for s, _ in KILL_POINTS} == set(SCENARIOS)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text(encoding="utf-8")
+    assert f"{len(KILL_POINTS)} kill points" in doc, "docs/reliability.md gives another kill-point count"
 
 
 @pytest.mark.parametrize("scenario, kill_at", KILL_POINTS, ids=[f"{s}-{k}" for s, k in KILL_POINTS])

@@ -20,6 +20,13 @@ from hypothesis import strategies as st
 EXAMPLES = {"tokenizer": 60, "gguf": 100, "archive": 300}
 
 
+def test_example_counts_are_documented():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text(encoding="utf-8")
+    for n in EXAMPLES.values():
+        assert f"| {n} |" in doc
+    assert f"{sum(EXAMPLES.values())} examples" in doc
+
+
 def _settings(name: str):
     return settings(max_examples=EXAMPLES[name], deadline=None, database=None, derandomize=False,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

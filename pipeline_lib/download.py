@@ -361,10 +361,9 @@ def _place(src: Path, dest: Path, *, link: bool = True) -> None:
                 os.fsync(fo.fileno())
         os.replace(tmp, dest)
     except BaseException as exc:
-        full = fsutil._disk_full(exc)
-        free = fsutil.free_bytes(dest.parent) if full else None
+        free = fsutil.write_failed_for_space(exc, dest.parent)
         tmp.unlink(missing_ok=True)
-        if full:
+        if free is not None:
             raise fsutil.disk_full_error(dest, free) from None
         raise
     fsync_dir(dest.parent)
@@ -517,6 +516,9 @@ def _hub_call(fn, src: Source, endpoint: str, token: str | None = None):
     except HfHubHTTPError as exc:
         raise _hub_error(exc, src, endpoint, token) from None
     except (OSError, ConnectionError) as exc:  # httpx errors on connect are OSError subclasses in places
+        if fsutil.is_disk_full(exc):  # the client writing into its cache
+            where = getattr(exc, "filename", None) or hf_cache_dir()
+            raise fsutil.disk_full_error(where) from None
         raise _hub_error(exc, src, endpoint, token) from None
     except Exception as exc:
         if type(exc).__module__.startswith(("httpx", "httpcore")):
@@ -944,6 +946,26 @@ def fetch_url(url: str, dest: str | os.PathLike[str], *, retries: int = 5, backo
         meta.write_text(json.dumps({"validator": v, "url": shown}))
 
     shown = redact_url(url)
+    try:
+        _fetch_loop(url, dest, part, state, remember, shown, retries=retries, backoff=backoff, timeout=timeout)
+    except OSError as exc:
+        if not fsutil.is_disk_full(exc):
+            raise
+        free = fsutil.free_bytes(dest.parent)
+        part.unlink(missing_ok=True)  # a full disk: give back what the partial file took
+        meta.unlink(missing_ok=True)
+        raise fsutil.disk_full_error(part, free) from None
+    os.replace(part, dest)
+    if state["validator"]:  # kept to ask the server later whether the cached copy is still current
+        dest.with_name(dest.name + ".json").write_text(json.dumps({"validator": state["validator"], "url": shown}))
+    meta.unlink(missing_ok=True)
+    fsync_dir(dest.parent)
+    return dest
+
+
+def _fetch_loop(url: str, dest: Path, part: Path, state: dict, remember, shown: str, *, retries: int,
+                backoff: float, timeout: float) -> None:
+    """fetch_url's retry loop: until ``part`` holds the whole file (or retries run out)."""
     failures = 0
     with bar(None, dest.name, per_update=None) as pbar:  # bytes are ticked in _http_once
         while True:
@@ -974,12 +996,6 @@ def fetch_url(url: str, dest: str | os.PathLike[str], *, retries: int = 5, backo
             delay = min(backoff * 2 ** max(failures - 1, 0), 30.0)
             log.warning("%s: %s at %s; retrying in %.1fs", shown, problem, human_bytes(after), delay)
             time.sleep(delay)
-    os.replace(part, dest)
-    if state["validator"]:  # kept to ask the server later whether the cached copy is still current
-        dest.with_name(dest.name + ".json").write_text(json.dumps({"validator": state["validator"], "url": shown}))
-    meta.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
-    return dest
 
 
 def _still_current(url: str, cached: Path, *, timeout: float = 30.0) -> bool:

@@ -131,7 +131,7 @@ def sweep_leftovers(target: str | os.PathLike[str]) -> list[Path]:
 # ------------------------------------------------------------------ full disk
 
 
-def _disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException) -> bool:
     """True when ``exc`` (or an exception it was raised from) is a full disk or exhausted quota."""
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -144,6 +144,27 @@ def _disk_full(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+NEARLY_FULL = 1 << 20  # free bytes under which a failed write is taken for a full disk
+
+
+def write_failed_for_space(exc: BaseException, where: str | os.PathLike[str]) -> int | None:
+    """The free bytes at ``where`` when ``exc`` was caused by a full disk, else None.
+
+    Recognises ENOSPC/EDQUOT (also as text, as safetensors and torch report them), and a write that
+    failed some other way (torch's "file write failed", a C library's return code) while the
+    filesystem has less than :data:`NEARLY_FULL` bytes free. Call it before removing the partial file.
+    """
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return None
+    try:
+        free = free_bytes(where)
+    except OSError:
+        return None
+    if is_disk_full(exc) or (isinstance(exc, (OSError, RuntimeError)) and free < NEARLY_FULL):
+        return free
+    return None
 
 
 def disk_full_error(path: str | os.PathLike[str], free: int | None = None) -> DiskSpaceError:
@@ -309,10 +330,9 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp_path, target)
         fsync_dir(target.parent)
     except BaseException as exc:
-        full = _disk_full(exc)
-        free = free_bytes(target.parent) if full else None
+        free = write_failed_for_space(exc, target.parent)
         tmp_path.unlink(missing_ok=True)
-        if full:
+        if free is not None:
             raise disk_full_error(target, free) from None
         raise
 
@@ -370,10 +390,9 @@ def atomic_dir(target: str | os.PathLike[str], *, replace: bool = False, merge: 
             os.replace(tmp, target)
         fsync_dir(target.parent)
     except BaseException as exc:
-        full = _disk_full(exc)
-        free = free_bytes(target.parent) if full else None
+        free = write_failed_for_space(exc, target.parent)
         remove_path(tmp)
-        if full:
+        if free is not None:
             raise disk_full_error(target, free) from None
         raise
 

@@ -47,14 +47,13 @@ from .errors import StoreError
 from .fsutil import (
     HASH_BUFFER,
     TMP_PREFIX,
-    _disk_full,
     disk_full_error,
-    free_bytes,
     fsync_dir,
     remove_path,
     sha256_bytes,
     sha256_file,
     tmp_name,
+    write_failed_for_space,
     write_text_atomic,
 )
 
@@ -433,10 +432,9 @@ class Store:
             os.replace(tmp, final)
             fsync_dir(self.artifacts)
         except BaseException as exc:
-            full = _disk_full(exc)
-            free = free_bytes(self.artifacts) if full else None
+            free = write_failed_for_space(exc, self.artifacts) if not isinstance(exc, StoreError) else None
             remove_path(tmp)
-            if full:
+            if free is not None:
                 raise disk_full_error(self.artifacts / key, free) from None
             raise
         log.info("%s: produced %s in %.2fs", stage, key[:12], elapsed)

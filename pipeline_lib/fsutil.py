@@ -240,7 +240,8 @@ def claim_output(path: str | os.PathLike[str], *, kind: str = "file", inputs: It
 
     - the path has the wrong kind (a folder where a file is due, or the reverse), or cannot be
       created (a parent is a file, or not writable);
-    - the output is one of ``inputs`` (same file or folder, also through a link or a hard link);
+    - the output is one of ``inputs`` (same file or folder, also through a link or a hard link; a
+      folder of kind ``"into"`` may be an input folder: the files written into it are claimed);
     - a ``"dir"`` output that exists would be replaced while an input lies inside it, or while it
       lies inside an input folder;
 
@@ -277,7 +278,7 @@ def claim_output(path: str | os.PathLike[str], *, kind: str = "file", inputs: It
     for src in input_paths(*inputs):
         if not os.path.lexists(src):
             continue
-        if exists and _same(p, src):
+        if exists and kind != "into" and _same(p, src):  # ("into": its files are claimed one by one)
             raise InputError(f"{what} {p} is an input of this command ({src})",
                              expected="an output path apart from every input",
                              fix=f"choose another {what}; an output never replaces its own input")

@@ -517,3 +517,13 @@ def test_existing_destination_refused_unless_overwrite(hub, files, tmp_path):
     with pytest.raises(InputError, match="is an input of this command"):  # a local file onto itself
         download(str(src / "a.bin"), out=src, overwrite=True)
     assert (src / "a.bin").read_bytes() == b"mine"
+
+
+def test_local_folder_onto_itself_is_only_verified(tmp_path, files):
+    src = tmp_path / "src"
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    res = download(str(src), out=src)
+    assert {a.path.relative_to(src).as_posix() for a in res.files} == set(files)
+    assert all((src / rel).read_bytes() == data for rel, data in files.items())

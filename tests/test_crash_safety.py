@@ -13,7 +13,8 @@ Each case runs a command in a child process (tests/_crash_harness.py) with ``ZHL
    removes the store's leftovers and its lock files.
 
 A scenario is one row of ``SCENARIOS`` (how to run it, what it writes) and its kill points are rows
-of ``KILL_POINTS``: a build stage or a published file is one more of each (``stage:K``, ``file:K``).
+of ``KILL_POINTS``: a build stage or a published file is one more of each (``stage:K``, ``file:K``;
+see the commented ``build`` row).
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ class Ctx:
 @dataclass(frozen=True)
 class Scenario:
     name: str
+    out: str  # the output path's name, in the test's folder
     argv: Callable[[Ctx, Path], list[str]]  # the command line, given the output path
     rerun: tuple[str, ...] = ("--overwrite",)  # added to the command line of the second run
     code: str | None = None  # instead of a command line: Python run in the child (given ARGV)
     env: Callable[[Ctx], dict[str, str]] = lambda ctx: {}
+    in_store: bool = False  # its finished outputs are store entries ($ZHLLAMA_HOME/artifacts), not the output path
 
 
 def _lora_args(rel) -> list[str]:
@@ -80,17 +83,20 @@ print(Store().get_or_produce("crash-test", version="1", inputs={"x": "1"}, produ
 """
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
-    Scenario("download-http", lambda c, out: ["download", c.http.file_url("w.bin"), "--out", str(out),
+    Scenario("download-http", "dl", lambda c, out: ["download", c.http.file_url("w.bin"), "--out", str(out),
                                               "--sha256", f"w.bin={hashlib.sha256(HTTP_FILE).hexdigest()}"]),
-    Scenario("download-hub", lambda c, out: ["download", HUB_REPO, "--out", str(out)],
+    Scenario("download-hub", "dl", lambda c, out: ["download", HUB_REPO, "--out", str(out)],
              env=lambda c: {"HF_ENDPOINT": c.hub.url}),
-    Scenario("merge", lambda c, out: ["merge", *_lora_args(c.release), "--out", str(out)]),
-    Scenario("convert", lambda c, out: ["convert", *_lora_args(c.release), "--out", str(out)]),
-    Scenario("convert-ggml", lambda c, out: ["convert", str(c.legacy_f16), "--format", "ggml", "--outtype", "q8_0",
+    Scenario("merge", "merged", lambda c, out: ["merge", *_lora_args(c.release), "--out", str(out)]),
+    Scenario("convert", "model.gguf", lambda c, out: ["convert", *_lora_args(c.release), "--out", str(out)]),
+    Scenario("convert-ggml", "model.bin", lambda c, out: ["convert", str(c.legacy_f16), "--format", "ggml", "--outtype", "q8_0",
                                              "--out", str(out)]),
-    Scenario("quantize", lambda c, out: ["quantize", str(c.f16), "--type", "q4_0", "--type", "q8_0",
+    Scenario("quantize", "q", lambda c, out: ["quantize", str(c.f16), "--type", "q4_0", "--type", "q8_0",
                                          "--out-dir", str(out), "--threads", "1"]),
-    Scenario("store-commit", lambda c, out: [], rerun=(), code=STORE_CODE),
+    Scenario("store-commit", "unused", lambda c, out: [], rerun=(), code=STORE_CODE, in_store=True),
+    # the build executor's rows, once it ticks "stage" (and "file" per published file), e.g.:
+    # Scenario("build", "build", lambda c, out: ["build", "tiny-demo", "--no-prefect", "--no-eval", "--out",
+    #                                              str(out)], rerun=()),
 ]}
 
 # (scenario, kill point): sampled over each stage's events (the tiny model has 21 tensors, ~3.8 MB)
@@ -106,15 +112,12 @@ KILL_POINTS: list[tuple[str, str]] = [
 
 
 def _out_for(scenario: str, root: Path) -> Path:
-    return root / {"download-http": "dl", "download-hub": "dl", "merge": "merged", "convert": "model.gguf",
-                   "convert-ggml": "model.bin", "quantize": "q", "store-commit": "unused"}[scenario]
+    return root / SCENARIOS[scenario].out
 
 
 def _finals(scenario: str, out: Path, home: Path) -> Path:
     """The folder (or file) whose contents are this scenario's finished outputs."""
-    if scenario == "store-commit":
-        return home / "artifacts"
-    return out
+    return home / "artifacts" if SCENARIOS[scenario].in_store else out
 
 
 def _snapshot(path: Path) -> dict[str, bytes]:
@@ -221,7 +224,7 @@ def test_killed_run_loses_nothing(ctx, tmp_path, scenario, kill_at):
     assert again.rc == 0, again.stderr[-3000:]
     assert again.seconds < RERUN_LIMIT_S
     assert _snapshot(_finals(scenario, out, home)) == ref  # byte-identical to an uninterrupted run
-    leftovers = _temporaries(out.parent if scenario != "store-commit" else tmp_path / "none", hf)
+    leftovers = _temporaries(out.parent if not sc.in_store else tmp_path / "none", hf)
     assert leftovers == [], f"the rerun left temporaries of the killed run: {leftovers}"
 
     gc = ctx.runner.run(["cache", "gc"], env=env)

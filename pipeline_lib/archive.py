@@ -4,10 +4,11 @@ Archives are untrusted data. :func:`plan_extraction` reads every member header a
 whole archive, before a byte is written, if any member:
 
 - has an absolute path, a drive letter, a backslash path or a ``..`` component;
-- is a symlink whose target leaves the destination, or a hard link to something outside it
-  (or to a member not seen before it);
+- is a symlink whose target leaves the destination once resolved, or a hard link to something
+  outside it (or to a member not seen before it);
 - is a device, FIFO or other special file;
-- sits below a member that is a link (``a`` → ``/etc`` then ``a/passwd``);
+- sits below a member that is a link (``a`` → ``/etc`` then ``a/passwd``) or a file, is a link
+  where another member is a folder or lies below, or is a file where another member made a folder;
 - would exceed the member-count or total-size limits, or a zip member whose compression ratio
   looks like a zip bomb.
 
@@ -25,7 +26,8 @@ import shutil
 import stat
 import tarfile
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
@@ -56,6 +58,8 @@ class ExtractionPlan:
     format: str  # "zip" | "tar"
     members: tuple[Member, ...]
     total_bytes: int
+    # how often each kept name occurs: only its last occurrence is extracted (as tar itself would leave it)
+    occurrences: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,53 @@ def _safe_name(archive: Path, raw: str) -> str:
     return "/".join(parts)
 
 
-def _link_stays_inside(name: str, target: str) -> bool:
-    """True when symlink ``name`` → ``target`` (relative to the link's folder) stays inside the root."""
-    if not target or target.startswith("/") or "\\" in target or (len(target) > 1 and target[1] == ":"):
+MAX_LINK_HOPS = 40  # as the kernel's limit for nested symlinks (ELOOP)
+
+
+def _absolute_target(target: str) -> bool:
+    return not target or target.startswith("/") or "\\" in target or (len(target) > 1 and target[1] == ":")
+
+
+def resolve_planned(name: str, links: dict[str, str], *, max_hops: int = MAX_LINK_HOPS) -> str | None:
+    """Where the path ``name`` (relative to the folder) leads once every planned link is followed.
+
+    ``links`` maps each symlink member to its target, as the archive will create them. The
+    resolution works like the kernel's, component by component over the *planned* tree: a
+    component that is a link is replaced by its target (relative to the link's folder), ``..``
+    goes up one level. Returns the resolved relative path (``""`` for the folder itself), or None
+    when it leaves the folder at any point, is absolute, or loops (more than ``max_hops`` links).
+    A lexical check is not enough: with ``a -> .`` and ``b -> a/a/../../X``, ``b`` normalises to
+    ``X`` inside, but really resolves to ``../X`` outside.
+    """
+    stack: list[str] = []
+    todo = [c for c in name.split("/")][::-1]
+    hops = 0
+    while todo:
+        comp = todo.pop()
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if not stack:
+                return None  # above the folder
+            stack.pop()
+            continue
+        path = "/".join([*stack, comp])
+        target = links.get(path)
+        if target is None:
+            stack.append(comp)
+            continue
+        hops += 1
+        if hops > max_hops or _absolute_target(target):
+            return None
+        todo.extend(target.split("/")[::-1])  # relative to the link's folder: the current stack
+    return "/".join(stack)
+
+
+def _link_stays_inside(name: str, target: str, links: dict[str, str] | None = None) -> bool:
+    """True when symlink ``name`` → ``target`` stays inside the root, resolved through ``links``."""
+    if _absolute_target(target):
         return False
-    joined = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-    return joined != ".." and not joined.startswith("../") and not joined.startswith("/")
+    return resolve_planned(posixpath.join(posixpath.dirname(name), target), links or {}) is not None
 
 
 def _zip_members(archive: Path, zf: zipfile.ZipFile) -> list[Member]:
@@ -168,6 +213,10 @@ def plan_extraction(archive: str | os.PathLike[str], *, include: list[str] | Non
                       fix="raise max_members if this archive is trusted")
     seen: dict[str, Member] = {}
     links: set[str] = set()
+    # every symlink as the extraction will leave it (the last member of a name wins): link targets
+    # are resolved through all of them, whatever the order of the members
+    symlinks = {m.name: m.target or "" for m in members if m.name and m.kind == "symlink"}
+    folders: set[str] = set()  # folders made by the members so far (explicit, or parents of a member)
     for m in members:
         if not m.name:
             continue
@@ -175,9 +224,20 @@ def plan_extraction(archive: str | os.PathLike[str], *, include: list[str] | Non
         for i in range(len(parents)):
             if "/".join(parents[:i + 1]) in links:
                 raise _reject(archive, f"member {m.name!r} lies below a link member ({'/'.join(parents[:i + 1])!r})")
+            above = seen.get("/".join(parents[:i + 1]))
+            if above is not None and above.kind != "dir":
+                raise _reject(archive, f"member {m.name!r} lies below the file member {above.name!r}")
+        if m.kind in ("file", "hardlink") and m.name in folders:
+            raise _reject(archive, f"member {m.name!r} replaces a folder of the archive (other members lie in it)")
+        if m.kind == "dir" and m.name in seen and seen[m.name].kind != "dir":
+            raise _reject(archive, f"folder member {m.name!r} replaces a file member of the same name")
         if m.kind == "symlink":
-            if not _link_stays_inside(m.name, m.target or ""):
-                raise _reject(archive, f"symlink {m.name!r} -> {m.target!r} points outside the archive folder")
+            if not _link_stays_inside(m.name, m.target or "", symlinks):
+                raise _reject(archive, f"symlink {m.name!r} -> {m.target!r} points outside the archive folder "
+                              "(resolved through the archive's links) or loops")
+            if m.name in folders:
+                raise _reject(archive, f"symlink {m.name!r} replaces a folder of the archive (other members lie "
+                              "in it)")
             links.add(m.name)
         elif m.kind == "hardlink":
             tgt = seen.get(m.target or "")
@@ -188,15 +248,23 @@ def plan_extraction(archive: str | os.PathLike[str], *, include: list[str] | Non
             links.add(m.name)
         if m.name in links and m.kind not in ("symlink", "hardlink"):
             raise _reject(archive, f"member {m.name!r} replaces a link member of the same name")
+        folders.update("/".join(parents[:i + 1]) for i in range(len(parents)))
+        if m.kind == "dir":
+            folders.add(m.name)
         seen[m.name] = m
     kept_names = {m.name for m in members if m.name and _selected(m, include)}
     kept_names |= {m.target for m in members if m.kind == "hardlink" and m.name in kept_names}
     kept = [seen[m.name] if m.kind == "hardlink" else m for m in members if m.name in kept_names]
-    total = sum(m.size for m in kept if m.kind in ("file", "hardlink"))
+    occurrences: dict[str, int] = {}
+    for m in kept:
+        occurrences[m.name] = occurrences.get(m.name, 0) + 1
+    last = {m.name: m for m in kept}
+    total = sum(m.size for m in last.values() if m.kind in ("file", "hardlink"))
     if total > max_bytes:
         raise _reject(archive, f"declares {human_bytes(total)} of content (limit {human_bytes(max_bytes)})",
                       fix="raise max_bytes if this archive is trusted")
-    return ExtractionPlan(archive=archive, format=fmt, members=tuple(kept), total_bytes=total)
+    return ExtractionPlan(archive=archive, format=fmt, members=tuple(kept), total_bytes=total,
+                          occurrences=occurrences)
 
 
 def _selected(m: Member, include: list[str] | None) -> bool:
@@ -259,7 +327,8 @@ def extract_archive(archive: str | os.PathLike[str], *, out: str | os.PathLike[s
 def _extract_into(plan: ExtractionPlan, root: Path, written: list[str]) -> None:
     os.chmod(root, 0o755)
     fmt, handle = _open(plan.archive)
-    wanted = {m.name: m for m in plan.members}
+    wanted = {m.name: m for m in plan.members}  # the last occurrence of each name
+    seen: dict[str, int] = {}
     with handle:
         if fmt == "zip":
             items = ((info.filename, info) for info in handle.infolist())
@@ -270,6 +339,9 @@ def _extract_into(plan: ExtractionPlan, root: Path, written: list[str]) -> None:
             m = wanted.get(name)
             if m is None:
                 continue
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] < plan.occurrences.get(name, 1):
+                continue  # a later member of the same name replaces this one: extract only that one
             dest = root / name
             if not _inside(root, dest.parent if m.kind != "dir" else dest):
                 raise _reject(plan.archive, f"member {raw!r} would be written outside the folder")

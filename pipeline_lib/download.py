@@ -16,7 +16,14 @@ tree listing and reported before anything is downloaded.
 
 The resolved commit sha is recorded in ``DownloadResult.lock`` (JSON-serializable) so a rebuild can
 pin it. Tokens (``token=`` or ``HF_TOKEN``) are passed to the hub client only: never logged, never
-put in a lock, an artifact or an error message, and never sent to plain HTTP(S) sources.
+put in a lock, an artifact or an error message, and never sent to plain HTTP(S) sources. Every hub
+error goes through one formatter (:func:`hub_error`), which also scrubs what a server may echo
+back (its error text can repeat the ``Authorization`` header): the token, bearer values and
+secret URL query values never reach a message (:func:`scrub`).
+
+Every destination in ``out`` is claimed before the first byte is fetched
+(:func:`pipeline_lib.fsutil.claim_output`): an existing file is refused unless ``overwrite``, and a
+source file is never its own destination.
 
 Sources (see :func:`parse_source`)::
 
@@ -48,7 +55,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, fsutil, killpoints
 from .archive import extract_archive, is_archive
 from .errors import InputError, IntegrityError, ZhllamaError
 from .fsutil import TMP_PREFIX, check_disk_space, fsync_dir, human_bytes
@@ -133,6 +140,82 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
+_SCRUB_PATTERNS = (
+    (re.compile(r"(?i)(authorization\s*[:=]\s*)(bearer\s+|basic\s+|token\s+)?[^\s'\",;)]+"), r"\1\2***"),
+    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
+    (re.compile(r"\bhf_[A-Za-z0-9]{8,}"), "hf_***"),
+)
+REDACTED = "***"
+
+
+# The HTTP transport's DEBUG log prints every response header; a careless mirror puts the request's
+# Authorization header into its error headers, so that log would carry the token. It is kept at
+# INFO unless someone set its level on purpose.
+for _name in ("httpcore", "httpcore2"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.INFO)
+
+
+class SecretFilter(logging.Filter):
+    """A logging filter that scrubs tokens (the environment's, bearer values) from every record it sees.
+
+    The CLI puts it on its stderr handler, as a second line of defence behind :func:`scrub`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record: leave it to the handler
+            return True
+        clean = scrub(text, secrets=[os.environ[k] for k in _TOKEN_ENV if len(os.environ.get(k, "")) >= 4])
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+def known_secrets(token: str | None = None) -> list[str]:
+    """Token values that must never appear in a message: the call's, the environment's, the login's."""
+    found = [token] if token else []
+    found += [os.environ[k] for k in _TOKEN_ENV if os.environ.get(k)]
+    try:
+        from huggingface_hub import get_token
+
+        stored = get_token()
+    except Exception:  # no client, or an unreadable login file: nothing stored to hide
+        stored = None
+    if stored:
+        found.append(stored)
+    return sorted({t for t in found if isinstance(t, str) and len(t) >= 4}, key=len, reverse=True)
+
+
+def scrub(text: str, *, secrets: Sequence[str] = (), urls: Sequence[str] = ()) -> str:
+    """``text`` with every secret removed: the given token values, ``Authorization``/bearer values,
+    ``hf_…`` tokens, and the secret query values (and user:password) of ``urls``."""
+    if not text:
+        return text
+    for url in urls:
+        parts = urlsplit(url)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True):
+            if v and _SECRET_QUERY_KEYS.search(k) and len(v) >= 4:
+                text = text.replace(v, REDACTED)
+        if parts.password and len(parts.password) >= 2:
+            text = text.replace(parts.password, REDACTED)
+    for value in secrets:
+        text = text.replace(value, REDACTED)
+    for pattern, repl in _SCRUB_PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def _scrubbed(err: ZhllamaError, *, secrets: Sequence[str], urls: Sequence[str] = ()) -> ZhllamaError:
+    """The same error with every part scrubbed (see :func:`scrub`)."""
+    def clean(part):
+        return scrub(part, secrets=secrets, urls=urls) if part else part
+
+    return type(err)(clean(err.seen), expected=clean(err.expected), fix=clean(err.fix))
+
+
 def parse_source(text: str, *, revision: str | None = None) -> Source:
     """Classify a source string. A local path wins over an ``owner/name`` look-alike."""
     s = str(text).strip()
@@ -160,22 +243,6 @@ def parse_source(text: str, *, revision: str | None = None) -> Source:
     raise InputError(f"source {s!r} is neither an existing path, a URL nor a hub repo",
                      expected="owner/name, hf://owner/name@rev, https://..., a folder, or a .zip/.tar.gz",
                      fix="check the spelling, or the path if you meant a local file")
-
-
-def resolve_hub_revision(repo: str, revision: str | None) -> str:
-    """The commit sha a hub revision points at now (a commit sha is returned as is)."""
-    rev = revision or "main"
-    if _COMMIT_RE.match(rev):
-        return rev
-    from huggingface_hub import HfApi
-
-    try:
-        return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(repo, revision=rev).sha
-    except Exception as exc:  # network down, unknown repo or revision, gated repo without a token
-        raise InputError(f"cannot resolve {repo}@{rev} on the hub ({type(exc).__name__}: {exc})",
-                         expected="a reachable hub repo and revision",
-                         fix="check the network / HF_ENDPOINT / HF_TOKEN, or give a local folder as the source "
-                             "(zhllama build MODEL --base DIR --lora DIR ...)") from exc
 
 
 def hf_cache_dir() -> Path:
@@ -276,7 +343,7 @@ def _place(src: Path, dest: Path, *, link: bool = True) -> None:
         except OSError:
             pass
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}.{os.getpid()}.{time.monotonic_ns()}")
+    tmp = dest.with_name(fsutil.tmp_name(dest.name))
     try:
         linked = False
         if link:
@@ -286,15 +353,27 @@ def _place(src: Path, dest: Path, *, link: bool = True) -> None:
             except OSError:  # other filesystem, or links not allowed: copy
                 pass
         if not linked:
-            with open(src, "rb") as fi, open(tmp, "wb") as fo:
-                shutil.copyfileobj(fi, fo, _CHUNK * 8)
+            with open(src, "rb") as fi, open(tmp, "xb") as fo:
+                while block := fi.read(_CHUNK * 8):
+                    fo.write(block)
+                    killpoints.tick_bytes(len(block))
                 fo.flush()
                 os.fsync(fo.fileno())
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
+        free = fsutil.write_failed_for_space(exc, dest.parent)
         tmp.unlink(missing_ok=True)
+        if free is not None:
+            raise fsutil.disk_full_error(dest, free) from None
         raise
     fsync_dir(dest.parent)
+
+
+def _claim_all(out: Path, relpaths: Sequence[str], *, inputs: Sequence = (), overwrite: bool) -> None:
+    """Claim every destination before anything is fetched (see fsutil.claim_output)."""
+    fsutil.claim_output(out, kind="into", what="--out")
+    for rel in relpaths:
+        fsutil.claim_output(out / rel, kind="file", inputs=inputs, overwrite=overwrite, what="--out file")
 
 
 class _Bar(tqdm):
@@ -304,7 +383,14 @@ class _Bar(tqdm):
         kwargs.pop("name", None)
         kwargs.setdefault("disable", not progress_enabled())
         kwargs.setdefault("leave", False)
+        self._bytes = kwargs.get("unit") == "B"
         super().__init__(*args, **kwargs)
+
+    def update(self, n=1):
+        result = super().update(n)
+        if self._bytes and n:
+            killpoints.tick_bytes(int(n))  # the client's byte loop: kill points count downloaded MiB
+        return result
 
 
 def _lock(source: Source, kind: str, *, files: Sequence[Artifact], out: Path, include, **extra) -> dict:
@@ -328,7 +414,7 @@ def download(source: str | os.PathLike[str], *, out: str | os.PathLike[str], rev
              include: Sequence[str] | None = None, expected: Mapping[str, str] | None = None,
              token: str | None = None, endpoint: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
              max_workers: int = 4, retries: int = 5, backoff: float = 0.5,
-             on_file: Callable[[Artifact], None] | None = None) -> DownloadResult:
+             on_file: Callable[[Artifact], None] | None = None, overwrite: bool = False) -> DownloadResult:
     """Fetch ``source`` into the folder ``out`` and verify every file; see the module docstring.
 
     ``include``: globs (matched on the repo path and on the file name) selecting the files a
@@ -336,23 +422,27 @@ def download(source: str | os.PathLike[str], *, out: str | os.PathLike[str], rev
     relpath: sha256}`` reference digests. ``token``: hub token (default: HF_TOKEN / the client's
     login). ``endpoint``/``cache_dir`` default to HF_ENDPOINT and HF_HUB_CACHE/HF_HOME read at call
     time. ``retries``/``backoff``: HTTP(S) sources (exponential: backoff·2ⁿ seconds, capped at 30).
-    ``on_file`` is called with each placed Artifact (for progress UIs).
-    Raises InputError (bad source, unknown repo/revision), DownloadError (network),
-    IntegrityError (digest mismatch twice), DiskSpaceError.
+    ``on_file`` is called with each placed Artifact (for progress UIs). ``overwrite``: replace files
+    of the same name already in ``out`` (otherwise refused before anything is fetched; an archive
+    never replaces anything).
+    Raises InputError (bad source, unknown repo/revision, an existing destination), DownloadError
+    (network), IntegrityError (digest mismatch twice), DiskSpaceError.
     """
     src = parse_source(str(source), revision=revision)
-    out = Path(out)
+    out = fsutil.claim_output(out, kind="into", inputs=[src.path] if src.path else (), what="--out")
     include = list(include) if include else None
     if src.kind == "hub":
         return _download_hub(src, out=out, include=include, expected=expected, token=token,
-                             endpoint=endpoint, cache_dir=cache_dir, max_workers=max_workers, on_file=on_file)
+                             endpoint=endpoint, cache_dir=cache_dir, max_workers=max_workers, on_file=on_file,
+                             overwrite=overwrite)
     if src.kind == "http":
         return _download_http(src, out=out, include=include, expected=expected, retries=retries,
-                              backoff=backoff, on_file=on_file)
+                              backoff=backoff, on_file=on_file, overwrite=overwrite)
     if src.kind == "archive":
         return _from_archive(src, src.path, out=out, include=include, expected=expected, on_file=on_file,
                              origin=str(src.path))
-    return _download_local(src, out=out, include=include, expected=expected, on_file=on_file)
+    return _download_local(src, out=out, include=include, expected=expected, on_file=on_file,
+                           overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +461,14 @@ class _HubFile:
         return self.lfs_sha256 or self.git_oid
 
 
-def _hub_error(exc: Exception, src: Source, endpoint: str) -> ZhllamaError:
+def hub_error(exc: BaseException, *, repo: str, revision: str | None, endpoint: str,
+              token: str | None = None) -> ZhllamaError:
+    """The one message for a failed hub call: what went wrong, for which repo/revision, and the fix.
+
+    Only our own words and the server's first error line are used, and everything is scrubbed
+    (:func:`scrub`): the call's token, ``HF_TOKEN``, any ``Authorization``/bearer value a mirror
+    echoes back, and secret URL query values never appear in the result.
+    """
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -381,40 +478,70 @@ def _hub_error(exc: Exception, src: Source, endpoint: str) -> ZhllamaError:
 
     where = f"at {redact_url(endpoint)}"
     if isinstance(exc, RevisionNotFoundError):
-        return InputError(f"revision {src.revision!r} not found in hub repo {src.repo} {where}",
-                          expected="an existing branch, tag or 40-hex commit sha of that repo",
-                          fix="check --revision (or the @rev in hf://owner/name@rev)")
-    if isinstance(exc, GatedRepoError):
-        return InputError(f"hub repo {src.repo} {where} is gated and the request was not authorized",
-                          expected="a token of an account that accepted the model's license",
-                          fix="accept the license on the model page, then set HF_TOKEN (never put it on the "
-                          "command line)")
-    if isinstance(exc, RepositoryNotFoundError):
-        return InputError(f"hub repo {src.repo} not found {where}",
-                          expected="an existing model repo id 'owner/name' you can access",
-                          fix="check the spelling; for a private or gated repo set HF_TOKEN")
-    if isinstance(exc, HfHubHTTPError):
+        err: ZhllamaError = InputError(
+            f"revision {revision!r} not found in hub repo {repo} {where}",
+            expected="an existing branch, tag or 40-hex commit sha of that repo",
+            fix="check --revision (or the @rev in hf://owner/name@rev)")
+    elif isinstance(exc, GatedRepoError):
+        err = InputError(f"hub repo {repo} {where} is gated and the request was not authorized",
+                         expected="a token of an account that accepted the model's license",
+                         fix="accept the license on the model page, then set HF_TOKEN (never put it on the "
+                         "command line)")
+    elif isinstance(exc, RepositoryNotFoundError):
+        err = InputError(f"hub repo {repo} not found {where}",
+                         expected="an existing model repo id 'owner/name' you can access",
+                         fix="check the spelling; for a private or gated repo set HF_TOKEN")
+    elif isinstance(exc, HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", "?")
-        return DownloadError(f"the hub {where} answered HTTP {status} for {src.repo}",
-                             fix="retry later; check HF_ENDPOINT and your network")
-    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return DownloadError(f"cannot fetch {src.repo} from the hub {where} ({type(exc).__name__}: {detail})",
-                         fix="check the network and HF_ENDPOINT, then retry (finished files stay cached)")
+        server = getattr(exc, "server_message", None) or ""
+        detail = f" ({server.splitlines()[0][:200]})" if server.strip() else ""
+        err = DownloadError(f"the hub {where} answered HTTP {status} for {repo}@{revision}{detail}",
+                            fix="retry later; check HF_ENDPOINT, HF_TOKEN and your network")
+    else:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        err = DownloadError(f"cannot fetch {repo} from the hub {where} ({type(exc).__name__}: {detail})",
+                            fix="check the network and HF_ENDPOINT, then retry (finished files stay cached)")
+    return _scrubbed(err, secrets=known_secrets(token), urls=[endpoint])
 
 
-def _hub_call(fn, src: Source, endpoint: str):
+def _hub_error(exc: Exception, src: Source, endpoint: str, token: str | None = None) -> ZhllamaError:
+    return hub_error(exc, repo=src.repo or "?", revision=src.revision, endpoint=endpoint, token=token)
+
+
+def _hub_call(fn, src: Source, endpoint: str, token: str | None = None):
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
         return fn()
     except HfHubHTTPError as exc:
-        raise _hub_error(exc, src, endpoint) from None
+        raise _hub_error(exc, src, endpoint, token) from None
     except (OSError, ConnectionError) as exc:  # httpx errors on connect are OSError subclasses in places
-        raise _hub_error(exc, src, endpoint) from None
+        if fsutil.is_disk_full(exc):  # the client writing into its cache
+            where = getattr(exc, "filename", None) or hf_cache_dir()
+            raise fsutil.disk_full_error(where) from None
+        raise _hub_error(exc, src, endpoint, token) from None
     except Exception as exc:
         if type(exc).__module__.startswith(("httpx", "httpcore")):
-            raise _hub_error(exc, src, endpoint) from None
+            raise _hub_error(exc, src, endpoint, token) from None
         raise
+
+
+def resolve_hub_revision(repo: str, revision: str | None = None, *, endpoint: str | None = None,
+                         token: str | None = None) -> str:
+    """The commit sha a hub revision points at now (a 40-hex commit sha is returned as is).
+
+    Errors are :func:`hub_error`'s (InputError for an unknown repo/revision or a gated repo,
+    DownloadError for network and server errors), with every secret scrubbed.
+    """
+    rev = revision or "main"
+    if _COMMIT_RE.match(rev):
+        return rev
+    from huggingface_hub import HfApi
+
+    endpoint = (endpoint or hf_endpoint()).rstrip("/")
+    src = Source("hub", f"hf://{repo}@{rev}", repo=repo, revision=rev)
+    api = HfApi(endpoint=endpoint, token=token)
+    return _hub_call(lambda: api.model_info(repo, revision=rev), src, endpoint, token).sha
 
 
 def _evict(storage: Path, commit: str, f: _HubFile) -> None:
@@ -454,7 +581,7 @@ def _check_hub_file(local: Path, f: _HubFile, sha256: str, refs: list[tuple[str,
 
 
 def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint, cache_dir, max_workers,
-                  on_file) -> DownloadResult:
+                  on_file, overwrite) -> DownloadResult:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.file_download import repo_folder_name
     from huggingface_hub.hf_api import RepoFile
@@ -471,11 +598,11 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
     try:
         commit = revision if _COMMIT_RE.match(revision) else None
         if commit is None:
-            commit = _hub_call(lambda: api.model_info(repo, revision=revision), src, endpoint).sha
+            commit = _hub_call(lambda: api.model_info(repo, revision=revision), src, endpoint, token).sha
         listing = _hub_call(lambda: {f.path: (f.lfs.size if f.lfs else f.size, f.blob_id,
                                               f.lfs.sha256 if f.lfs else None)
                                      for f in api.list_repo_tree(repo, revision=commit, recursive=True)
-                                     if isinstance(f, RepoFile)}, src, endpoint)
+                                     if isinstance(f, RepoFile)}, src, endpoint, token)
     except DownloadError as exc:  # hub unreachable: a complete cached snapshot of the revision still works
         cached = _cached_listing(storage, revision)
         if cached is None:
@@ -491,6 +618,7 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
         names = ", ".join(sorted(listing)[:12]) or "(empty repo)"
         raise InputError(f"no file of {repo}@{commit[:12]} matches --include {include}",
                          expected=f"a glob matching some of: {names}", fix="fix the --include globs")
+    _claim_all(out, [f.path for f in files], overwrite=overwrite)
     refs = _merge_refs(expected, _catalog_expected(repo))
     _warn_unused(expected, [f.path for f in files])
     for f in files:
@@ -524,7 +652,7 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
         snapshot = Path(_hub_call(lambda: snapshot_download(
             repo, revision=commit, cache_dir=str(cache), endpoint=endpoint, token=token,
             allow_patterns=[_glob_escape(p) for p in paths], max_workers=max_workers, tqdm_class=_Bar),
-            src, endpoint))
+            src, endpoint, token))
         if revision != commit:
             _write_ref(storage, revision, commit)
 
@@ -545,7 +673,7 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
                         commit[:12], problem[0], problem[1])
             again = Path(_hub_call(lambda f=f: hf_hub_download(
                 repo, f.path, revision=commit, cache_dir=str(cache), endpoint=endpoint, token=token,
-                tqdm_class=_Bar), src, endpoint))
+                tqdm_class=_Bar), src, endpoint, token))
             sha = _sha256_many([again])[again]
             matched, problem2 = _check_hub_file(again, f, sha, _refs_for(f.path, refs))
             if problem2 is not None:
@@ -556,6 +684,8 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
                     fix="the bad file was removed from the HF cache; retry later or over another network "
                     "(a proxy or mirror may be altering the transfer)")
         checked[f.path] = (sha, matched)
+
+    _sweep_hf_partials(cache, storage, files)
 
     # 4. place into out (hard links into the HF cache where possible)
     out.mkdir(parents=True, exist_ok=True)
@@ -572,6 +702,37 @@ def _download_hub(src: Source, *, out: Path, include, expected, token, endpoint,
     lock = _lock(src, "hub", files=artifacts, out=out, include=include, repo=repo, revision=revision,
                  commit=commit, endpoint=redact_url(endpoint))
     return DownloadResult(src.text, "hub", out, tuple(artifacts), commit, lock)
+
+
+def _sweep_hf_partials(cache: Path, storage: Path, files: Sequence[_HubFile]) -> None:
+    """Remove the HF client's partial downloads of ``files`` that no process is writing any more.
+
+    The client downloads a blob into ``blobs/<etag>.<random>.incomplete`` while holding the
+    ``flock`` of ``.locks/<repo folder>/<etag>.lock``, and a killed client leaves that file behind
+    (a new run never resumes it). With the lock free, nobody writes those files: they go.
+    """
+    import fcntl
+
+    for f in files:
+        partials = list((storage / "blobs").glob(_glob_escape(f.etag) + "*.incomplete"))
+        lock = cache / ".locks" / storage.name / f"{f.etag}.lock"
+        if not partials or not lock.is_file():
+            continue
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # being downloaded right now
+            os.close(fd)
+            continue
+        try:
+            for p in partials:
+                p.unlink(missing_ok=True)
+                log.info("removed %s, a partial download of an interrupted run", p)
+        finally:
+            os.close(fd)
 
 
 def _cached_listing(storage: Path, revision: str) -> tuple[str, dict] | None:
@@ -631,7 +792,7 @@ def _verify_local(relpath: str, path: Path, sha: str, refs) -> tuple[str, ...]:
     return tuple(matched)
 
 
-def _download_local(src: Source, *, out: Path, include, expected, on_file) -> DownloadResult:
+def _download_local(src: Source, *, out: Path, include, expected, on_file, overwrite) -> DownloadResult:
     root = src.path
     if root.is_file():
         pairs = [(root.name, root)]
@@ -646,7 +807,8 @@ def _download_local(src: Source, *, out: Path, include, expected, on_file) -> Do
     digests = _sha256_many([p for _, p in pairs])
     verified = {rel: _verify_local(rel, p, digests[p], refs) for rel, p in pairs}  # all checked first
     same = root.is_dir() and out.exists() and os.path.samefile(root, out)
-    if not same:
+    if not same:  # (a folder "downloaded" onto itself is only verified, nothing is written)
+        _claim_all(out, [rel for rel, _ in pairs], inputs=[p for _, p in pairs], overwrite=overwrite)
         check_disk_space(out, sum(p.stat().st_size for _, p in pairs), what=f"copying {root}")
     artifacts = []
     for rel, p in pairs:
@@ -665,7 +827,7 @@ def _from_archive(src: Source, archive: Path, *, out: Path, include, expected, o
                   extra: dict | None = None) -> DownloadResult:
     """Extract into a staging folder beside ``out``, verify, then move into ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f"{TMP_PREFIX}{out.name}.extract.{os.getpid()}.{time.monotonic_ns()}"
+    staging = out.parent / fsutil.tmp_name(out.name)
     refs = _merge_refs(expected, None)
     try:
         res = extract_archive(archive, out=staging, include=include)
@@ -749,6 +911,7 @@ def _http_once(url: str, part: Path, *, validator: str | None, timeout: float, p
                     break
                 fh.write(block)
                 pbar.update(len(block))
+                killpoints.tick_bytes(len(block))
             fh.flush()
             os.fsync(fh.fileno())
     size = part.stat().st_size
@@ -783,8 +946,28 @@ def fetch_url(url: str, dest: str | os.PathLike[str], *, retries: int = 5, backo
         meta.write_text(json.dumps({"validator": v, "url": shown}))
 
     shown = redact_url(url)
+    try:
+        _fetch_loop(url, dest, part, state, remember, shown, retries=retries, backoff=backoff, timeout=timeout)
+    except OSError as exc:
+        if not fsutil.is_disk_full(exc):
+            raise
+        free = fsutil.free_bytes(dest.parent)
+        part.unlink(missing_ok=True)  # a full disk: give back what the partial file took
+        meta.unlink(missing_ok=True)
+        raise fsutil.disk_full_error(part, free) from None
+    os.replace(part, dest)
+    if state["validator"]:  # kept to ask the server later whether the cached copy is still current
+        dest.with_name(dest.name + ".json").write_text(json.dumps({"validator": state["validator"], "url": shown}))
+    meta.unlink(missing_ok=True)
+    fsync_dir(dest.parent)
+    return dest
+
+
+def _fetch_loop(url: str, dest: Path, part: Path, state: dict, remember, shown: str, *, retries: int,
+                backoff: float, timeout: float) -> None:
+    """fetch_url's retry loop: until ``part`` holds the whole file (or retries run out)."""
     failures = 0
-    with bar(None, dest.name) as pbar:
+    with bar(None, dest.name, per_update=None) as pbar:  # bytes are ticked in _http_once
         while True:
             before = part.stat().st_size if part.exists() else 0
             try:
@@ -797,11 +980,13 @@ def fetch_url(url: str, dest: str | os.PathLike[str], *, retries: int = 5, backo
                 continue  # the server could not resume: start over at once
             except urllib.error.HTTPError as exc:
                 if exc.code not in _RETRY_STATUS:
-                    raise DownloadError(f"{shown} answered HTTP {exc.code} {exc.reason}",
-                                        fix="check the URL (and whether it needs a fresh signed link)") from None
+                    raise _scrubbed(DownloadError(f"{shown} answered HTTP {exc.code} {exc.reason}",
+                                                  fix="check the URL (and whether it needs a fresh signed link)"),
+                                    secrets=known_secrets(), urls=[url]) from None
                 problem = f"HTTP {exc.code}"
             except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as exc:
-                problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+                problem = scrub(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}", secrets=known_secrets(),
+                                urls=[url])
             after = part.stat().st_size if part.exists() else 0
             failures = 0 if after > before else failures + 1
             if failures > retries:
@@ -811,12 +996,6 @@ def fetch_url(url: str, dest: str | os.PathLike[str], *, retries: int = 5, backo
             delay = min(backoff * 2 ** max(failures - 1, 0), 30.0)
             log.warning("%s: %s at %s; retrying in %.1fs", shown, problem, human_bytes(after), delay)
             time.sleep(delay)
-    os.replace(part, dest)
-    if state["validator"]:  # kept to ask the server later whether the cached copy is still current
-        dest.with_name(dest.name + ".json").write_text(json.dumps({"validator": state["validator"], "url": shown}))
-    meta.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
-    return dest
 
 
 def _still_current(url: str, cached: Path, *, timeout: float = 30.0) -> bool:
@@ -836,9 +1015,12 @@ def _still_current(url: str, cached: Path, *, timeout: float = 30.0) -> bool:
     return now == saved
 
 
-def _download_http(src: Source, *, out: Path, include, expected, retries, backoff, on_file) -> DownloadResult:
+def _download_http(src: Source, *, out: Path, include, expected, retries, backoff, on_file,
+                   overwrite) -> DownloadResult:
     url = src.url
     name = posixpath.basename(urlsplit(url).path) or "download"
+    if not is_archive(name):
+        _claim_all(out, [name], overwrite=overwrite)
     key = hashlib.sha256(src.text.encode()).hexdigest()[:16]
     cached = _zhllama_home() / "downloads" / key / name
     refs = _merge_refs(expected, None)

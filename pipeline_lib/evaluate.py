@@ -47,6 +47,7 @@ import numpy as np
 from . import chat
 from .errors import InputError
 from .fsutil import TMP_PREFIX, atomic_path, check_disk_space, human_bytes, sha256_bytes, write_text_atomic
+from .gguf_check import open_gguf
 from .progress import bar
 
 log = logging.getLogger(__name__)
@@ -201,11 +202,14 @@ class Report:
 
 
 def model_facts(model_gguf: str | Path) -> ModelFacts:
-    """File size, parameter count and bits per weight of a GGUF, read with gguf.GGUFReader."""
+    """File size, parameter count and bits per weight of a GGUF, read with gguf.GGUFReader.
+
+    A missing, truncated or damaged file is an InputError here (:func:`gguf_check.open_gguf`),
+    before llama.cpp ever opens it.
+    """
     import gguf
 
-    path = chat._check_gguf(model_gguf)
-    reader = gguf.GGUFReader(path)
+    path, reader = open_gguf(model_gguf)
     n_params = sum(int(t.n_elements) for t in reader.tensors)
     tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     types: dict[str, int] = {}

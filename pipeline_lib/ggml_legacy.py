@@ -35,7 +35,8 @@ import torch
 
 from . import names
 from .errors import InputError
-from .fsutil import atomic_write, check_disk_space
+from .fsutil import atomic_write, check_disk_space, claim_output
+from .gguf_check import open_gguf
 from .gguf_export import (
     TOKEN_BYTE,
     TOKEN_CONTROL,
@@ -251,11 +252,12 @@ def _plan_gguf(path: Path, lt: LegacyType) -> _Plan:
 
 
 def export(source, *, out: str | os.PathLike[str], qtype: str = "f16",
-           on_progress: Callable[[int], None] | None = None) -> GgmlResult:
+           on_progress: Callable[[int], None] | None = None, overwrite: bool = False) -> GgmlResult:
     """Write ``source`` as a ggjt v3 file of type ``qtype``.
 
     ``source``: an f16/f32 GGUF file (``*.gguf``), a TensorSource, or a checkpoint folder. The same
-    model gives the same file from any of them. Checked before writing; the file appears atomically.
+    model gives the same file from any of them. Checked before writing (``out`` is claimed first: an
+    existing file is refused unless ``overwrite``, an input never); the file appears atomically.
     """
     import gguf
 
@@ -265,13 +267,15 @@ def export(source, *, out: str | os.PathLike[str], qtype: str = "f16",
                          expected=" | ".join(LEGACY_TYPES),
                          fix="K-quants came with GGUF: use --format gguf and `zhllama quantize` for them")
     lt = LEGACY_TYPES[qtype]
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
-        plan = _plan_gguf(Path(source), lt)
+    from_gguf = isinstance(source, (str, os.PathLike)) and Path(source).is_file()
+    src = None if from_gguf else _as_source(source)[0]
+    out = claim_output(out, kind="file", inputs=[source, src], overwrite=overwrite)
+    if from_gguf:
+        plan = _plan_gguf(open_gguf(source, role="GGUF")[0], lt)
     else:
-        plan = _plan_source(_as_source(source)[0], lt)
+        plan = _plan_source(src, lt)
     n_mult = _check_hparams(plan.hp)
     total = sum(i.nbytes for i in plan.items)
-    out = Path(out)
     check_disk_space(out.parent if out.parent.exists() else Path.cwd(), total + 64 * 1024 * 1024,
                      what=f"GGML file {out.name}")
     with atomic_write(out, "wb") as fh, bar(total, f"ggml {out.name}") as pbar:

@@ -37,7 +37,7 @@ import torch
 
 from . import names
 from .errors import InputError
-from .fsutil import atomic_path, check_disk_space
+from .fsutil import atomic_path, check_disk_space, claim_output
 from .progress import bar
 
 log = logging.getLogger(__name__)
@@ -503,7 +503,7 @@ def _as_source(source):
 
 
 def convert(source, *, out: str | os.PathLike[str], outtype: str = "f16", name: str | None = None,
-            on_progress: Callable[[int], None] | None = None) -> ConvertResult:
+            on_progress: Callable[[int], None] | None = None, overwrite: bool = False) -> ConvertResult:
     """Write ``source`` (a TensorSource, or an HF/Meta checkpoint folder) as a GGUF file at ``out``.
 
     Every check (config, tokenizer, vocabulary agreement, tensor names and shapes, disk space)
@@ -512,8 +512,8 @@ def convert(source, *, out: str | os.PathLike[str], outtype: str = "f16", name: 
     """
     t0 = time.perf_counter()
     src, folder_name = _as_source(source)
+    out = claim_output(out, kind="file", inputs=[source, src], overwrite=overwrite)  # before any work
     plan = plan_convert(src, outtype=outtype, name=name or folder_name)
-    out = Path(out)
     check_disk_space(out.parent if out.parent.exists() else Path.cwd(), plan.tensor_bytes + 64 * 1024 * 1024,
                      what=f"GGUF file {out.name}")
     gguf = _gguf()

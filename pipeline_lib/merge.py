@@ -313,9 +313,7 @@ def merge(base: str | Path, loras: Sequence[str | Path], *, out: str | Path, for
     writers = {"hf": hf_writer.write_hf, "pth": pth_writer.write_pth}
     if format not in writers:
         raise InputError(f"output format {format!r} is not supported", expected=" or ".join(FORMATS))
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"output folder {out} already exists", fix="choose another --out or remove it")
+    out = fsutil.claim_output(out, kind="dir", inputs=[base, *loras], overwrite=overwrite)  # never an input
     if isinstance(max_shard_size, str):
         try:
             max_shard_size = fsutil.parse_size(max_shard_size)

@@ -5,10 +5,17 @@ that input and ftype with its default parameters (``llama_model_quantize_default
 ``ftype`` and ``nthread`` are set), so it is byte-identical to ``llama-quantize IN OUT TYPE``.
 Each output is written to a ``.tmp-*`` sibling and renamed into place when complete. Progress is
 read from llama.cpp's own per-tensor log lines (``[  3/ 21] blk.0.attn_q.weight ...``).
+
+The input is checked first (:func:`pipeline_lib.gguf_check.open_gguf`: a truncated or damaged GGUF
+is one clear error, not a llama.cpp failure), and every output is claimed
+(:func:`pipeline_lib.fsutil.claim_output`): an existing ``<name>.<type>.gguf`` is refused unless
+``overwrite``, and no output is ever the input. When llama.cpp refuses the data, the input is
+scanned for NaN/Inf so the error names the tensor instead of blaming the conversion.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -19,8 +26,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import fsutil
 from .errors import InputError
 from .fsutil import atomic_path, check_disk_space, human_bytes
+from .gguf_check import first_non_finite, open_gguf
 from .progress import bar
 
 log = logging.getLogger(__name__)
@@ -85,11 +94,11 @@ def output_name(src: Path, qtype: str) -> str:
     return f"{stem}.{qtype}.gguf"
 
 
-def gguf_stats(path: Path) -> tuple[int, int]:
+def gguf_stats(path: Path, reader=None) -> tuple[int, int]:
     """(parameters, tensor data bytes) of a GGUF file."""
     import gguf
 
-    r = gguf.GGUFReader(path)
+    r = reader if reader is not None else gguf.GGUFReader(path)
     return sum(int(t.n_elements) for t in r.tensors), sum(int(t.n_bytes) for t in r.tensors)
 
 
@@ -140,59 +149,89 @@ def quantize_one(src: Path, out: Path, qtype: str, *, threads: int | None = None
     with _LOCK, atomic_path(out) as tmp, _LogProgress(on_tensor or (lambda i, n: None)):
         rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params))
         if rc != 0:
-            raise InputError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc})",
-                             expected="a complete GGUF LLaMA model in f32/f16/bf16",
-                             fix="check the input with `zhllama convert` again; run with -vv to see llama.cpp's log")
+            raise _failure(src, out, qtype, rc)
 
 
-def quantize_file(src: Path, *, qtype: str, out: Path, threads: int | None = None, n_params: int | None = None,
-                  on_progress: Callable[[str, int, int], None] | None = None) -> QuantizedFile:
-    """One quantization of the checked GGUF ``src`` to the file ``out`` (atomic), with a progress bar."""
-    t0 = time.perf_counter()
-    with bar(None, f"quantize {qtype}", unit="tensor") as pbar:
-        def on_tensor(i: int, n: int) -> None:
-            pbar.total = n
-            pbar.n = i
-            pbar.refresh()
-            if on_progress is not None:
-                on_progress(qtype, i, n)
+# free bytes under which a failed write is taken for a full disk
+_NEARLY_FULL = 4 * 1024 * 1024
 
-        quantize_one(src, out, qtype, threads=threads, on_tensor=on_tensor)
-    if n_params is None:
-        n_params, _ = gguf_stats(src)
-    _, tensor_bytes = gguf_stats(out)
-    res = QuantizedFile(qtype=qtype, path=out, file_bytes=out.stat().st_size, n_params=n_params,
-                        bits_per_weight=tensor_bytes * 8 / n_params, seconds=time.perf_counter() - t0)
-    log.info("%s: %s, %.2f bits per weight", out, human_bytes(res.file_bytes), res.bits_per_weight)
-    return res
+
+def _failure(src: Path, out: Path, qtype: str, rc: int) -> Exception:
+    """The error for a failed llama.cpp quantization, naming the real cause where it can be found.
+
+    Called while the partial output still exists, so a full disk shows as (almost) no free space.
+    """
+    free = fsutil.free_bytes(out.parent)
+    if free < _NEARLY_FULL:
+        return fsutil.disk_full_error(out, free)
+    _, reader = open_gguf(src, role="input")
+    bad = first_non_finite(reader)
+    if bad is not None:
+        name, nan, inf = bad
+        return InputError(f"{src}: tensor {name} holds non-finite values ({nan} NaN, {inf} Inf), so llama.cpp "
+                          f"refuses to quantize it to {qtype}",
+                          expected="finite weights in every tensor",
+                          fix="the model itself is broken, not the conversion: rebuild it from LoRAs that hold "
+                              "finite values (`zhllama merge` checks every merged tensor)")
+    return InputError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc})",
+                      expected="a complete GGUF LLaMA model in f32/f16/bf16",
+                      fix="run with -vv to see llama.cpp's log; check the input with `zhllama eval` or "
+                          "convert it again with `zhllama convert`")
 
 
 def quantize(gguf_path: str | os.PathLike[str], *, qtypes: Sequence[str], out_dir: str | os.PathLike[str],
              names: Mapping[str, str] | None = None, threads: int | None = None,
-             on_progress: Callable[[str, int, int], None] | None = None) -> QuantizeResult:
+             on_progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> QuantizeResult:
     """Quantize ``gguf_path`` once per type in ``qtypes`` into ``out_dir`` (one file per type).
 
-    Each output is named ``names[qtype]`` when given, else ``output_name(gguf_path, qtype)``.
-
-    All types are checked, and the disk space for all outputs, before the first one starts.
-    ``on_progress(qtype, tensors_done, tensors_total)`` follows llama.cpp's per-tensor progress.
+    The input, all types, every output path (an existing ``<name>.<type>.gguf`` is refused unless
+    ``overwrite``; ``out_dir`` must be a folder) and the disk space for all outputs are checked
+    before the first one starts. Each output is named ``names[qtype]`` when given, else
+    ``output_name(gguf_path, qtype)``. ``on_progress(qtype, tensors_done, tensors_total)`` follows
+    llama.cpp's per-tensor progress.
     """
-    src = Path(gguf_path)
-    if not src.is_file():
-        raise InputError(f"no GGUF file at {src}", fix="convert the model first: zhllama convert MODEL_DIR --out FILE.gguf")
-    with open(src, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise InputError(f"{src} is not a GGUF file", expected="a file written by `zhllama convert`")
     types = list(dict.fromkeys(resolve_type(q) for q in qtypes))
     if not types:
         raise InputError("no quantization type given", expected=", ".join(QUANT_TYPES))
     if threads is not None and threads < 0:
         raise InputError(f"--threads {threads}", expected="a thread count >= 1 (or 0 for all cores)")
-    out_dir = Path(out_dir)
-    n_params, src_tensor_bytes = gguf_stats(src)
+    out_dir = fsutil.claim_output(out_dir, kind="into", what="--out-dir")
+    src, reader = open_gguf(gguf_path, role="GGUF")
+    outs = {q: fsutil.claim_output(out_dir / ((names or {}).get(q) or output_name(src, q)), kind="file",
+                                   inputs=[src], overwrite=overwrite)
+            for q in types}
+    n_params, src_tensor_bytes = gguf_stats(src, reader)
+    del reader
     need = sum(int(n_params * _PLAN_BPW[q] / 8) for q in types) + src.stat().st_size - src_tensor_bytes
-    out_dir.mkdir(parents=True, exist_ok=True)
     check_disk_space(out_dir, need, what=f"{len(types)} quantized file(s)")
-    outputs = [quantize_file(src, qtype=q, out=out_dir / ((names or {}).get(q) or output_name(src, q)), threads=threads, n_params=n_params,
-                             on_progress=on_progress) for q in types]
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        outputs = _quantize_all(src, outs, n_params, threads=threads, on_progress=on_progress)
+    except BaseException:
+        if made:  # a folder this call created and nothing finished in it: leave no trace
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     return QuantizeResult(source=src, source_bytes=src.stat().st_size, outputs=tuple(outputs))
+
+
+def _quantize_all(src: Path, outs: dict[str, Path], n_params: int, *, threads, on_progress) -> list[QuantizedFile]:
+    outputs = []
+    for q, out in outs.items():
+        t0 = time.perf_counter()
+        with bar(None, f"quantize {q}", unit="tensor") as pbar:
+            def on_tensor(i: int, n: int, q=q, pbar=pbar) -> None:
+                pbar.total = n
+                if i > pbar.n:
+                    pbar.update(i - pbar.n)  # one kill-point "tensor" event per tensor, too
+                if on_progress is not None:
+                    on_progress(q, i, n)
+
+            quantize_one(src, out, q, threads=threads, on_tensor=on_tensor)
+        _, tensor_bytes = gguf_stats(out)
+        res = QuantizedFile(qtype=q, path=out, file_bytes=out.stat().st_size, n_params=n_params,
+                            bits_per_weight=tensor_bytes * 8 / n_params, seconds=time.perf_counter() - t0)
+        log.info("%s: %s, %.2f bits per weight", out, human_bytes(res.file_bytes), res.bits_per_weight)
+        outputs.append(res)
+    return outputs

@@ -25,6 +25,11 @@ Usage::
         hub.requests                                             # [(method, path, {lowercased header: value})]
 
 Fault injection counts GET requests of the file body; ``times=None`` means every time.
+
+``FakeHub(..., echo_auth=True)`` plays a careless mirror: every error it answers (its
+``X-Error-Message`` header and JSON body) repeats the request's ``Authorization`` header,
+so tests can check that a token never travels from a server's error text to the user.
+``hub.fail_api(status=500, times=1)`` answers the next repo-info/tree API calls with that error.
 """
 
 from __future__ import annotations
@@ -204,8 +209,12 @@ class _ServerBase:
         body = json.dumps(obj).encode()
         self._send(h, 200, body, {"Content-Type": "application/json", **(headers or {})}, method=method)
 
+    echo_auth = False  # a careless mirror: error texts repeat the Authorization header
+
     def _send_error(self, h, status: int, code: str | None, message: str, *, method: str,
                     headers: dict | None = None) -> None:
+        if self.echo_auth:
+            message = f"{message} (request had Authorization: {h.headers.get('Authorization')!s})"
         hdrs = {"Content-Type": "application/json", "X-Error-Message": message, **(headers or {})}
         if code:
             hdrs["X-Error-Code"] = code
@@ -262,8 +271,9 @@ class FakeHub(_ServerBase):
     """
 
     def __init__(self, repos: dict[str, dict[str, bytes]] | None = None, *,
-                 gated: dict[str, str] | None = None) -> None:
+                 gated: dict[str, str] | None = None, echo_auth: bool = False) -> None:
         super().__init__()
+        self.echo_auth = echo_auth
         self._repos: dict[str, _Repo] = {}
         self._counter = 0
         for repo, files in (repos or {}).items():
@@ -323,6 +333,11 @@ class FakeHub(_ServerBase):
         with self._lock:
             self._faults[("hub", repo, path)] = _Fault("drop", times, at)
 
+    def fail_api(self, *, status: int = 500, times: int | None = 1) -> None:
+        """Answer the next ``times`` repo-info / tree API requests with HTTP ``status``."""
+        with self._lock:
+            self._faults[("api",)] = _Fault("status", times, 0.0, status)
+
     @staticmethod
     def _find(r: _Repo, sha: str) -> _Commit:
         return next(c for c in r.commits if c.sha == sha)
@@ -344,6 +359,9 @@ class FakeHub(_ServerBase):
         path, query = parts.path, parse_qs(parts.query)
         m = self._API.match(path)
         if m:
+            fault = self._take_fault(("api",))
+            if fault is not None:
+                return self._send_error(h, fault.status, None, f"injected HTTP {fault.status}", method=method)
             return self._api(h, method, m.group("repo"), m.group("kind"), m.group("rest"), query)
         m = self._RESOLVE.match(path)
         if m:

@@ -189,3 +189,47 @@ def test_not_an_archive(tmp_path):
     junk.write_bytes(b"this is not an archive")
     with pytest.raises(InputError, match="not a readable zip or tar archive"):
         extract_archive(junk, out=tmp_path / "out")
+
+
+def test_link_chain_escape_rejected(tmp_path):
+    """`a -> .` then `b -> a/a/../../X`: lexically inside, really outside (the issue's example)."""
+    secret = tmp_path / "X"
+    secret.write_text("private")
+    for order in ([_link("a", "."), _link("b", "a/a/../../X")], [_link("b", "a/a/../../X"), _link("a", ".")]):
+        arc = _tar(tmp_path / "chain.tar.gz", [("ok.txt", b"1"), *order])
+        with pytest.raises(InputError, match="symlink 'b' -> 'a/a/../../X' points outside") as err:
+            extract_archive(arc, out=tmp_path / "out")
+        print(err.value)
+        _assert_nothing_written(tmp_path, tmp_path / "out")
+    zarc = _zip(tmp_path / "chain.zip", [("a", b".", stat.S_IFLNK | 0o777), ("b", b"a/a/../../X", stat.S_IFLNK | 0o777)])
+    with pytest.raises(InputError, match="points outside"):
+        extract_archive(zarc, out=tmp_path / "out")
+    _assert_nothing_written(tmp_path, tmp_path / "out")
+    assert secret.read_text() == "private"
+
+
+def test_link_chains_inside_and_loops(tmp_path):
+    from pipeline_lib.archive import resolve_planned
+
+    links = {"a": ".", "d/up": "..", "c": "d/up/d", "loop1": "loop2", "loop2": "loop1"}
+    assert resolve_planned("a/a/x", links) == "x"
+    assert resolve_planned("c/f", links) == "d/f"
+    assert resolve_planned("d/up/..", links) is None
+    assert resolve_planned("loop1", links) is None  # more than 40 hops
+    arc = _tar(tmp_path / "ok.tar.gz", [("d/f", b"f"), _link("d/up", ".."), _link("c", "d/up/d")])
+    extract_archive(arc, out=tmp_path / "out")
+    assert (tmp_path / "out" / "c" / "f").read_bytes() == b"f"
+    arc = _tar(tmp_path / "loop.tar.gz", [_link("l1", "l2"), _link("l2", "l1")])
+    with pytest.raises(InputError, match="or loops"):
+        extract_archive(arc, out=tmp_path / "loop")
+
+
+def test_link_replacing_a_folder_rejected(tmp_path):
+    # the folder's member comes first, the link of the same name after: writes would go through it
+    arc = _tar(tmp_path / "bad.tar.gz", [("d/x", b"1"), _link("d", "..")])
+    with pytest.raises(InputError, match="unsafe archive"):
+        extract_archive(arc, out=tmp_path / "out")
+    arc = _tar(tmp_path / "bad2.tar.gz", [("d/x", b"1"), _link("d", "e")])
+    with pytest.raises(InputError, match="replaces a folder"):
+        extract_archive(arc, out=tmp_path / "out")
+    _assert_nothing_written(tmp_path, tmp_path / "out")

@@ -425,3 +425,105 @@ def test_parse_source_and_redaction(tmp_path):
         parse_source("not a source")
     assert redact_url("https://user:pw@h.org/f.bin?X-Amz-Signature=abc&v=1") == \
         "https://h.org/f.bin?X-Amz-Signature=REDACTED&v=1"
+
+
+# --- secrets: one formatter for hub errors, scrubbed of whatever a mirror echoes ---------------------
+
+
+def _no_secret(*texts: str) -> None:
+    for text in texts:
+        assert TOKEN not in text and "SECRETsecret" not in text, text
+
+
+@pytest.mark.parametrize("fault", ["not found", "unknown revision", "gated, wrong token", "HTTP 500", "HTTP 503"])
+def test_echoing_mirror_never_leaks_the_token(files, tmp_path, monkeypatch, caplog, fault):
+    """A careless mirror repeats the Authorization header in its error texts: resolve_hub_revision
+    (the build's revision check) and download never pass it on, in messages or logs."""
+    from pipeline_lib.download import hub_error, resolve_hub_revision
+
+    with FakeHub({REPO: files, "tester/gated": files}, gated={"tester/gated": "hf_theRightOne123456"},
+                 echo_auth=True) as h:
+        monkeypatch.setenv("HF_ENDPOINT", h.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        repo, rev = {"not found": ("tester/nope", "main"), "unknown revision": (REPO, "v9"),
+                     "gated, wrong token": ("tester/gated", "main")}.get(fault, (REPO, "main"))
+        if fault.startswith("HTTP"):
+            h.fail_api(status=int(fault.split()[1]), times=None)
+        with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="huggingface_hub"):
+            with pytest.raises((InputError, DownloadError)) as err:
+                resolve_hub_revision(repo, rev)
+            with pytest.raises((InputError, DownloadError)) as err2:
+                download(repo, revision=rev, out=tmp_path / "out")
+        assert any(r[2].get("authorization") == f"Bearer {TOKEN}" for r in h.requests)  # it was sent ...
+        if fault.startswith("HTTP"):  # ... and echoed back in the server's error text
+            from huggingface_hub import HfApi
+            from huggingface_hub.errors import HfHubHTTPError
+
+            with pytest.raises(HfHubHTTPError) as raw:
+                HfApi(endpoint=h.url, token=TOKEN).model_info(repo)
+            assert TOKEN in str(raw.value)
+            assert f"answered HTTP {fault.split()[1]}" in str(err.value)
+            assert "Authorization: Bearer ***" in str(err.value)  # the server's words, scrubbed
+            _no_secret(str(hub_error(raw.value, repo=repo, revision="main", endpoint=h.url)))
+    print(err.value)
+    _no_secret(str(err.value), str(err2.value), caplog.text)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_scrub():
+    from pipeline_lib.download import scrub
+
+    text = (f"Authorization: Bearer {TOKEN}; authorization=hf_abcdefghijkl; bearer abc.def-ghi; "
+            "https://u:pw@h/x?token=zzzsecret&v=1 other")
+    got = scrub(text, secrets=[TOKEN], urls=["https://u:pw@h/x?token=zzzsecret&v=1"])
+    assert TOKEN not in got and "hf_abcdefghijkl" not in got and "abc.def-ghi" not in got
+    assert "zzzsecret" not in got and ":pw@" not in got and "v=1 other" in got
+
+
+def test_cli_echoing_mirror_stderr_has_no_token(files, tmp_path):
+    with FakeHub({REPO: files}, echo_auth=True) as h:
+        h.fail_api(status=500, times=None)
+        url = h.url
+        env = dict(os.environ, HF_ENDPOINT=h.url, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"),
+                   ZHLLAMA_PROGRESS="0", HF_HUB_VERBOSITY="debug")
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "-vv", "download", REPO, "--out",
+                               str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    print(proc.stderr)
+    assert proc.returncode == 1
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: the hub at {url} answered HTTP 500 for {REPO}@main (injected HTTP 500 (request had "
+        "Authorization: Bearer ***)); the HF cache holds no listing of that revision to work offline"]
+    _no_secret(proc.stdout, proc.stderr)
+
+
+def test_existing_destination_refused_unless_overwrite(hub, files, tmp_path):
+    out = tmp_path / "out"
+    download(REPO, out=out, include=["*.json"])
+    (out / "adapter_config.json").chmod(0o644)
+    (out / "adapter_config.json").write_text("mine")
+    n = len(hub.requests)
+    with pytest.raises(InputError, match="adapter_config.json already exists") as err:
+        download(REPO, out=out, include=["*.json"])
+    assert "--overwrite" in str(err.value)
+    assert not [r for r in hub.requests[n:] if "/resolve/" in r[1]]  # refused before fetching
+    assert (out / "adapter_config.json").read_text() == "mine"
+    download(REPO, out=out, include=["*.json"], overwrite=True)
+    assert (out / "adapter_config.json").read_bytes() == files["adapter_config.json"]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"mine")
+    with pytest.raises(InputError, match="is a file"):
+        download(str(src), out=src / "a.bin")
+    with pytest.raises(InputError, match="is an input of this command"):  # a local file onto itself
+        download(str(src / "a.bin"), out=src, overwrite=True)
+    assert (src / "a.bin").read_bytes() == b"mine"
+
+
+def test_local_folder_onto_itself_is_only_verified(tmp_path, files):
+    src = tmp_path / "src"
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    res = download(str(src), out=src)
+    assert {a.path.relative_to(src).as_posix() for a in res.files} == set(files)
+    assert all((src / rel).read_bytes() == data for rel, data in files.items())

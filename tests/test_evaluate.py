@@ -197,7 +197,7 @@ def test_bad_inputs_fail_before_writing(eval_models, tmp_path):
     assert not (out / "report.json").exists()
     not_gguf = tmp_path / "model.gguf"
     not_gguf.write_bytes(b"ggjt" + b"\0" * 64)
-    with pytest.raises(InputError, match="not a GGUF"):
+    with pytest.raises(InputError, match="legacy GGML .* not GGUF"):
         ev.evaluate(not_gguf, out=out)
     with pytest.raises(InputError, match="tokens, the reference"):
         ev.evaluate(eval_models.llama_f16, reference=eval_models.alpaca_f16, out=out)

@@ -74,7 +74,7 @@ def test_a_crash_between_the_two_renames_is_repaired_by_the_next_publish(tmp_pat
     out = tmp_path / "m"
     publish(_entries(store, "v1"), out, lock={"v": 1})
     before = _snapshot(out)
-    monkeypatch.setattr(publish_mod, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(publish_mod, "exchange", lambda a, b: False)
     real_rename = os.rename
 
     def crash_on_second(src, dst):

@@ -95,10 +95,58 @@ def test_errors_before_any_output(f16_gguf, tmp_path):
         quantize(tmp_path / "missing.gguf", qtypes=["q4_0"], out_dir=tmp_path / "o")
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"ggjt" + b"\0" * 100)
-    with pytest.raises(InputError, match="not a GGUF file"):
+    with pytest.raises(InputError, match="is a legacy GGML .ggjt. file, not GGUF"):
+        quantize(bad, qtypes=["q4_0"], out_dir=tmp_path / "o")
+    bad.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(InputError, match="zip archive"):
         quantize(bad, qtypes=["q4_0"], out_dir=tmp_path / "o")
     with pytest.raises(InputError, match="no quantization type"):
         quantize(f16_gguf, qtypes=[], out_dir=tmp_path / "o")
+    for cut in (10, 30, 5000, f16_gguf.stat().st_size // 2, f16_gguf.stat().st_size - 1):
+        bad.write_bytes(f16_gguf.read_bytes()[:cut])  # truncated: header, metadata, tensor table, data
+        with pytest.raises(InputError, match="truncated") as err:
+            quantize(bad, qtypes=["q4_0"], out_dir=tmp_path / "o")
+        assert "copy or download it again" in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_outputs_claimed_before_work(f16_gguf, tmp_path):
+    """An existing <name>.<type>.gguf is refused unless overwrite; --out-dir must be a folder."""
+    out = tmp_path / "q"
+    first = quantize(f16_gguf, qtypes=["q4_0"], out_dir=out, threads=1).outputs[0].path
+    before = first.read_bytes()
+    with pytest.raises(InputError, match="already exists") as err:
+        quantize(f16_gguf, qtypes=["q8_0", "q4_0"], out_dir=out)
+    assert "--overwrite" in str(err.value)
+    assert not (out / "alpaca-plus.q8_0.gguf").exists()  # refused before the first type started
+    again = quantize(f16_gguf, qtypes=["q4_0"], out_dir=out, threads=1, overwrite=True).outputs[0].path
+    assert again == first and again.read_bytes() == before
+    as_file = tmp_path / "file"
+    as_file.write_text("x")
+    with pytest.raises(InputError, match="--out-dir .* is a file"):
+        quantize(f16_gguf, qtypes=["q4_0"], out_dir=as_file)
+    assert as_file.read_text() == "x"
+
+
+def test_non_finite_input_names_the_tensor(f16_gguf, tmp_path):
+    import shutil
+
+    import gguf
+
+    nan = tmp_path / "nan.f16.gguf"
+    shutil.copy(f16_gguf, nan)
+    r = gguf.GGUFReader(nan, "r+")
+    t = next(t for t in r.tensors if t.name == "blk.1.ffn_up.weight")
+    t.data[3, 5] = np.nan
+    t.data[4, 6] = np.inf
+    r.data.flush()
+    del r, t
+    with pytest.raises(InputError) as err:
+        quantize(nan, qtypes=["q4_0"], out_dir=tmp_path / "o", threads=1)
+    msg = str(err.value)
+    assert "tensor blk.1.ffn_up.weight holds non-finite values (1 NaN, 1 Inf)" in msg
+    assert "the model itself is broken, not the conversion" in msg and "convert` again" not in msg
+    assert not (tmp_path / "o").exists()  # nothing, not even the folder it would have made
 
 
 def test_cli(f16_gguf, tmp_path, capsys):

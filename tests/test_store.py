@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_lib.store import Store
+from pipeline_lib.errors import StoreError
+from pipeline_lib.store import KeyLock, Store
 
 
 def _produce_files(d: Path) -> dict:
@@ -159,3 +160,220 @@ def test_cache_cli(tmp_path, capsys, monkeypatch):
     assert "total" in capsys.readouterr().out
     assert main(["cache", "gc", "--all"]) == 0
     assert "1 item(s) removed" in capsys.readouterr().out
+
+
+# --- manifests of the wrong shape are damaged entries, never crashes ------------------------------
+
+def _manifest_variants(good: dict) -> dict[str, object]:
+    import copy
+
+    def with_(**kw):
+        m = copy.deepcopy(good)
+        m.update(kw)
+        return m
+
+    first = next(iter(good["outputs"]))
+    return {
+        "a list": [good],
+        "outputs empty": with_(outputs={}),
+        "outputs missing": {k: v for k, v in good.items() if k != "outputs"},
+        "outputs a list": with_(outputs=[first]),
+        "output without sha256": with_(outputs={first: {"size": 1}}),
+        "output escaping": with_(outputs={"../../etc/passwd": good["outputs"][first]}),
+        "output absolute": with_(outputs={"/etc/passwd": good["outputs"][first]}),
+        "size a string": with_(outputs={first: {**good["outputs"][first], "size": "9"}}),
+        "inputs a string": with_(inputs="x"),
+        "created missing": {k: v for k, v in good.items() if k != "created"},
+        "key of another entry": with_(key="0" * 64),
+        "meta a list": with_(meta=[1]),
+        "not JSON": "{ not json",
+    }
+
+
+def test_wrong_shape_manifests_are_damaged_not_crashes(tmp_path, capsys, monkeypatch):
+    import json
+
+    from flows.cli.main import main
+
+    monkeypatch.setenv("ZHLLAMA_HOME", str(tmp_path))
+    store = Store()
+    e = store.get_or_produce("merge", version="1", inputs={"x": "1"}, produce=_produce_files)
+    good = json.loads((e.path / "manifest.json").read_text())
+    for name, bad in _manifest_variants(good).items():
+        m = e.path / "manifest.json"
+        m.chmod(0o644)
+        m.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        assert store.get(e.key) is None, name
+        assert store.entries() == [] and store.damaged()[0][0] == e.key, name
+        assert "damaged manifest" in store.damaged()[0][1], name
+        for cmd in (["cache", "ls"], ["cache", "ls", "--verify"], ["cache", "du"], ["cache", "gc", "--dry-run"]):
+            assert main(cmd) == 0, (name, cmd)
+        out = capsys.readouterr().out
+        assert "1 damaged entry not listed" in out and "would remove damaged manifest" in out, name
+    assert main(["cache", "gc"]) == 0
+    assert "removed damaged manifest" in capsys.readouterr().out
+    assert not e.path.exists()
+    again = store.get_or_produce("merge", version="1", inputs={"x": "1"}, produce=_produce_files)
+    assert not again.cached and store.get(again.key) is not None
+
+
+# --- links and special files: refused, never followed ---------------------------------------------
+
+def test_producer_leaving_a_link_is_refused_and_nothing_is_followed(tmp_path):
+    store = Store(tmp_path / "store")
+    private = tmp_path / "private.key"
+    private.write_text("secret")
+    private.chmod(0o600)
+
+    def links_out(d):
+        (d / "model.gguf").write_bytes(b"GGUF")
+        os.symlink(private, d / "leak")
+        os.symlink(tmp_path, d / "dirlink")
+
+    with pytest.raises(StoreError, match="leak in its output, which is a symbolic link"):
+        store.get_or_produce("q", version="1", inputs={"x": "1"}, produce=links_out)
+    assert (private.stat().st_mode & 0o777) == 0o600 and private.read_text() == "secret"
+    assert store.entries() == [] and list(store.artifacts.iterdir()) == []
+
+    def fifo(d):
+        (d / "model.gguf").write_bytes(b"GGUF")
+        os.mkfifo(d / "pipe")
+
+    with pytest.raises(StoreError, match="not a regular file"):  # and no hang on open()
+        store.get_or_produce("q", version="1", inputs={"x": "2"}, produce=fifo)
+
+
+def test_output_swapped_for_a_link_is_damaged_and_gc_does_not_chmod_through_it(tmp_path):
+    store = Store(tmp_path / "store")
+    e = store.get_or_produce("q", version="1", inputs={"x": "1"}, produce=_produce_files)
+    f = e.file("model.gguf")
+    copy = tmp_path / "same-content.gguf"
+    copy.write_bytes(f.read_bytes())
+    copy.chmod(0o600)
+    f.chmod(0o644)
+    f.unlink()
+    os.symlink(copy, f)  # same bytes, but a link: never an intact entry
+    assert store.problems(e) == ["model.gguf: not a regular file"]
+    assert store.get(e.key) is None
+    assert any("damaged" in r for r in store.gc())
+    assert (copy.stat().st_mode & 0o777) == 0o600 and copy.exists()
+
+
+def test_planted_lock_link_is_not_followed(tmp_path):
+    store = Store(tmp_path / "store")
+    target = tmp_path / "victim"
+    target.write_text("keep")
+    store.locks.mkdir(parents=True)
+    os.symlink(target, store.locks / f"{'a' * 64}.lock")
+    with pytest.raises(OSError):
+        store.lock("a" * 64).acquire()
+    assert "stale lock" in " ".join(store.gc())
+    assert target.read_text() == "keep" and not (store.locks / f"{'a' * 64}.lock").exists()
+
+
+# --- locks: die with their process, removed by gc when nobody holds them ---------------------------
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from pipeline_lib.errors import StoreError
+from pipeline_lib.store import KeyLock, Store
+store = Store(sys.argv[1])
+started, go = Path(sys.argv[2]), Path(sys.argv[3])
+inp = store.get(sys.argv[4])
+
+def produce(d):
+    (d / "out.bin").write_bytes(b"x" * 1000)
+    started.write_text("1")
+    while not go.exists():
+        time.sleep(0.02)
+    return {}
+
+e = store.get_or_produce("convert", version="1", inputs={"merge": "k"}, produce=produce, holding=(inp,))
+print(e.key, e.cached)
+"""
+
+
+def _start_holder(tmp_path, store, inp_key):
+    import subprocess
+    import sys
+
+    started, go = tmp_path / "started", tmp_path / "go"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(store.root), str(started), str(go), inp_key],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60
+    while not started.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    return proc, go
+
+
+def test_gc_all_during_a_running_produce(tmp_path, capsys, monkeypatch):
+    """gc --all while another process produces an entry (reading an input it holds): neither side
+    fails, the producer keeps its lock and its input, its entry commits intact."""
+    from flows.cli.main import main
+
+    monkeypatch.setenv("ZHLLAMA_HOME", str(tmp_path / "store"))
+    store = Store()
+    inp = store.get_or_produce("merge", version="1", inputs={"x": "1"}, produce=_produce_files)
+    other = store.get_or_produce("tokenizer", version="1", inputs={"x": "2"}, produce=_produce_files)
+    proc, go = _start_holder(tmp_path, store, inp.key)
+    try:
+        running_lock = [p for p in store.locks.iterdir() if p.suffix == ".lock" and p.stem not in (inp.key, other.key)]
+        assert len(running_lock) == 1
+        assert main(["cache", "gc", "--all"]) == 0
+        out = capsys.readouterr().out
+        assert f"requested {other.key[:12]}" in out  # what nobody uses goes
+        assert store.get(inp.key) is not None  # held by the running stage: kept
+        assert running_lock[0].exists()  # the running one keeps its lock
+        assert [p for p in store.artifacts.iterdir() if p.name.startswith(".tmp-")]  # and its temporary
+    finally:
+        go.write_text("1")
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    key, cached = stdout.split()
+    assert cached == "False" and store.get(key) is not None
+    assert main(["cache", "gc", "--all"]) == 0
+    assert store.entries() == [] and list(store.locks.iterdir()) == []
+
+
+def test_killed_holder_frees_its_lock_and_gc_removes_the_file(tmp_path):
+    import signal
+
+    store = Store(tmp_path / "store")
+    inp = store.get_or_produce("merge", version="1", inputs={"x": "1"}, produce=_produce_files)
+    proc, _ = _start_holder(tmp_path, store, inp.key)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    locks = sorted(p.name for p in store.locks.iterdir())
+    assert locks  # the files stay behind ...
+    for name in locks:  # ... but nobody holds them: no wait
+        with KeyLock(store.locks / name, timeout=0):
+            pass
+    removed = store.gc()
+    assert any(r.startswith("leftover .tmp-") for r in removed)
+    assert sum(r.startswith("stale lock") for r in removed) >= len(locks)
+    assert list(store.locks.iterdir()) == [] and not [p for p in store.artifacts.iterdir() if p.name != inp.key]
+
+
+def test_lock_file_removed_while_waiting_is_relocked(tmp_path):
+    """A waiter that got the lock on a file gc removed meanwhile locks the new file instead."""
+    import threading
+
+    path = tmp_path / "k.lock"
+    first = KeyLock(path).acquire()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(KeyLock(path, timeout=10).acquire()))
+    waiter.start()
+    time.sleep(0.2)
+    path.unlink()  # as gc would (while the lock is held)
+    third = KeyLock(path, timeout=0).acquire()  # a newcomer locks the new file
+    first.release()
+    time.sleep(0.3)
+    assert not got  # the waiter did not take the old, unlinked file: the newcomer holds the lock
+    third.release()
+    waiter.join(10)
+    assert got and os.fstat(got[0]._fd).st_ino == os.stat(path).st_ino
+    got[0].release()

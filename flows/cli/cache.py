@@ -28,7 +28,7 @@ def register(sub) -> None:
 def run_ls(args) -> int:
     store = Store()
     entries = [e for e in store.entries() if not args.stage or e.stage == args.stage]
-    if not entries:
+    if not entries and not store.damaged():
         print(f"no cached artifacts in {store.root}")
         return 0
     for e in entries:
@@ -40,6 +40,10 @@ def run_ls(args) -> int:
         files = ", ".join(list(e.outputs)[:3]) + (" …" if len(e.outputs) > 3 else "")
         print(f"{e.key[:12]}  {e.stage:10} {human_bytes(e.size):>9}  {when}  {files}{state}")
     print(f"{len(entries)} entries in {store.root}")
+    damaged = store.damaged()
+    if damaged:
+        print(f"{len(damaged)} damaged entr{'y' if len(damaged) == 1 else 'ies'} not listed "
+              f"({damaged[0][0][:12]}: {damaged[0][1]}); `zhllama cache gc` removes them")
     return 0
 
 
@@ -56,7 +60,10 @@ def run_gc(args) -> int:
     store = Store()
     older = args.older_than * 86400 if args.older_than is not None else None
     removed = store.gc(older_than_s=older, stage=args.stage, everything=args.all, dry_run=args.dry_run)
-    for r in removed:
+    locks = [r for r in removed if r.startswith("stale lock ")]
+    items = [r for r in removed if not r.startswith("stale lock ")]
+    for r in items:
         print(("would remove " if args.dry_run else "removed ") + r)
-    print(f"{len(removed)} item(s) {'to remove' if args.dry_run else 'removed'}")
+    print(f"{len(items)} item(s) {'to remove' if args.dry_run else 'removed'}"
+          + (f", and {len(locks)} lock file(s) no process holds" if locks else ""))
     return 0

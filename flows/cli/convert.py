@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--name", default=None, help="general.name written in the GGUF (default: the folder name)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="dtype of the merged tensors before conversion (with --base/--lora)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input)")
     p.set_defaults(func=run)
 
 
@@ -58,6 +59,9 @@ def _source(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    # the output first: a folder, an input or an existing file fails here, before any work
+    fsutil.claim_output(args.out, kind="file", inputs=[args.model, args.base, *args.lora],
+                        overwrite=args.overwrite, what="--out")
     source, what = _source(args)
     name = args.name
     if name is None:
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         qtype = args.outtype or "f16"
         if qtype not in LEGACY_TYPES:
             raise InputError(f"--outtype {qtype} is not available with --format ggml", expected=" | ".join(LEGACY_TYPES))
-        r = export_ggml(source, out=args.out, qtype=qtype)
+        r = export_ggml(source, out=args.out, qtype=qtype, overwrite=args.overwrite)
         print(f"wrote {r.path} (ggjt v3, {r.qtype}, {r.n_tensors} tensors, vocab {r.n_vocab}, "
               f"{fsutil.human_bytes(r.file_bytes)}) in {r.seconds:.1f} s")
         return 0
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if outtype not in OUTTYPES:
         raise InputError(f"--outtype {outtype} is not a GGUF conversion type", expected=" | ".join(OUTTYPES),
                          fix="for q4_0, q4_K_M, ... convert to f16 first, then run `zhllama quantize`")
-    r = convert(source, out=args.out, outtype=outtype, name=name)
+    r = convert(source, out=args.out, outtype=outtype, name=name, overwrite=args.overwrite)
     print(f"converted {what}")
     print(f"  output: {r.path} (GGUF {r.outtype}, {r.n_tensors} tensors, {r.n_params / 1e6:.1f}M parameters, "
           f"vocab {r.n_vocab}, {fsutil.human_bytes(r.file_bytes)})")

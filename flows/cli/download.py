@@ -31,6 +31,8 @@ def register(sub) -> None:
                    help="expected sha256 of FILE (repeatable); checked in addition to the catalog's")
     p.add_argument("--lock", type=Path, metavar="PATH",
                    help="write the lock record (resolved commit, digests) as JSON to PATH")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of the same name already in --out (never a source file)")
     p.set_defaults(func=run)
 
 
@@ -46,9 +48,13 @@ def _expected(items: list[str]) -> dict[str, str]:
 
 def run(args) -> int:
     from pipeline_lib.download import download
+    from pipeline_lib.fsutil import claim_output
 
+    expected = _expected(args.sha256)
+    if args.lock:
+        claim_output(args.lock, kind="file", inputs=[args.source], overwrite=True, what="--lock")  # a lock record is rewritten
     result = download(args.source, out=args.out, revision=args.revision, include=args.include,
-                      expected=_expected(args.sha256))
+                      expected=expected, overwrite=args.overwrite)
     for art in result.files:
         print(art.summary(result.out))
     total = sum(a.size for a in result.files)

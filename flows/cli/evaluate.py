@@ -36,12 +36,22 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", action="append", default=[], metavar="NAME",
                    help="display name per model, in order (default: the GGUF file type, e.g. q4_0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.set_defaults(func=run)
+
+
+REPORT_FILES = ("report.json", "report.md", "report.png")
 
 
 def run(args) -> int:
     from pipeline_lib.errors import InputError
     from pipeline_lib.evaluate import evaluate_variants, model_facts, variant_name
+    from pipeline_lib.fsutil import claim_output
+
+    inputs = [*args.models, args.reference, args.text, args.prompts, *args.tokenizer]
+    out = claim_output(args.out, kind="into", inputs=inputs, what="--out")
+    for name in REPORT_FILES:
+        claim_output(out / name, kind="file", inputs=inputs, overwrite=args.overwrite, what="report")
 
     if args.name and len(args.name) != len(args.models):
         raise InputError(f"{len(args.name)} --name for {len(args.models)} models",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from pipeline_lib import __version__
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    if "HF_TOKEN" in os.environ or "HUGGING_FACE_HUB_TOKEN" in os.environ:
+        from pipeline_lib.download import SecretFilter  # a token never reaches the console, whoever logs it
+
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(SecretFilter())
     # huggingface_hub installs its own stderr handler; without this its warnings print twice.
     logging.getLogger("huggingface_hub").propagate = False
     if not getattr(args, "func", None):

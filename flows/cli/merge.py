@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (hf format), e.g. 2GB")
     p.add_argument("--parts", type=int, default=None,
                    help="pth format: number of consolidated parts (default: the release's, from the hidden size)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input)")
     p.set_defaults(func=run)
 
 
@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     # (a path that exists is never split, even if it has a comma in it)
     args.lora = [p.strip() for item in args.lora
                  for p in ([item] if Path(item).exists() else item.split(",")) if p.strip()]
+    fsutil.claim_output(args.out, kind="dir", inputs=[args.base, *args.lora], overwrite=args.overwrite,
+                        what="--out")  # before reading anything
     plan = plan_merge(args.base, args.lora, dtype=args.dtype)  # fail fast, before the progress bar
     with bar(plan.output_bytes, "merge") as pbar:
         result = merge(args.base, args.lora, out=args.out, format=args.format, dtype=args.dtype,

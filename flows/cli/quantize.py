@@ -22,13 +22,14 @@ def register(subparsers) -> None:
                    help="quantization type; repeat for several outputs")
     p.add_argument("--out-dir", required=True, help="folder for the outputs (<name>.<type>.gguf)")
     p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing <name>.<type>.gguf files")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline_lib.quantize import quantize
 
-    r = quantize(args.input, qtypes=args.types, out_dir=args.out_dir, threads=args.threads)
+    r = quantize(args.input, qtypes=args.types, out_dir=args.out_dir, threads=args.threads, overwrite=args.overwrite)
     print(f"quantized {r.source} ({fsutil.human_bytes(r.source_bytes)})")
     print(f"  {'type':8} {'size':>10} {'bits/weight':>12} {'time':>8}  file")
     for o in r.outputs:

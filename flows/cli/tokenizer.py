@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline_lib.errors import InputError
+from pipeline_lib.fsutil import claim_output
 from pipeline_lib.tokenizer import TokenizerKind, merge_tokenizers, tokenizer_stats
 
 
@@ -16,6 +17,7 @@ def register(sub) -> None:
     m.add_argument("--chinese-sp", required=True, help="the release's chinese_sp.model")
     m.add_argument("--out", required=True, help="output folder (tokenizer.model + HF tokenizer files)")
     m.add_argument("--alpaca", action="store_true", help="append [PAD] as Chinese-Alpaca does (49954 pieces)")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input)")
     m.set_defaults(func=run_merge)
     s = tsub.add_parser("stats", help="tokens and characters per token of a text, per tokenizer")
     s.add_argument("text", help="a UTF-8 text file")
@@ -25,6 +27,8 @@ def register(sub) -> None:
 
 def run_merge(args) -> int:
     kind = TokenizerKind.ALPACA if args.alpaca else TokenizerKind.LLAMA
+    claim_output(args.out, kind="dir", inputs=[args.llama_tokenizer, args.chinese_sp], overwrite=args.overwrite,
+                 what="--out")
     res = merge_tokenizers(args.llama_tokenizer, args.chinese_sp, out=args.out, kind=kind)
     from pipeline_lib.catalog import identify
 

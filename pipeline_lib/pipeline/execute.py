@@ -77,10 +77,12 @@ def build_lock(plan: BuildPlan, downloads: Mapping[str, Entry], prepared: Mappin
 
 def publish_build(plan: BuildPlan, nodes: tuple[StageNode, ...], entries: Mapping[str, Entry],
                   prepared: Mapping[str, Mapping[str, Any]]) -> tuple[Path, ...]:
-    """Publish every node that has a publish name, plus the build lock, into the plan's output folder."""
+    """Publish every node that has a publish name, plus the build lock, into the plan's output folder
+    (the entries are held meanwhile, so `cache gc` cannot take one away mid-copy)."""
     downloads = {ref.role: entries[f"download:{ref.role}"] for ref in plan.sources}
-    return publish({n.publish: entries[n.id] for n in nodes if n.publish}, plan.out_dir,
-                   lock=build_lock(plan, downloads, prepared))
+    published = {n.publish: entries[n.id] for n in nodes if n.publish}
+    with Store(plan.store_root).hold(*published.values()):
+        return publish(published, plan.out_dir, lock=build_lock(plan, downloads, prepared))
 
 
 def run_build(spec: BuildSpec, *, store: Store | None = None, reporter: Reporter | None = None) -> BuildResult:

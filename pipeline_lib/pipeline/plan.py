@@ -17,7 +17,7 @@ from typing import Any
 from ..buildspec import CUSTOM_MODEL, DEMO_MODEL, BuildSpec, SourceSpec
 from ..download import Source, parse_source, redact_url
 from ..errors import InputError
-from ..fsutil import sha256_bytes
+from ..fsutil import claim_output, sha256_bytes
 from ..store import canonical_json, default_root
 
 # The release's chinese_sp.model (input of the tokenizer merge) lives in its GitHub repository.
@@ -127,6 +127,9 @@ def plan_build(spec: BuildSpec, *, store_root: str | os.PathLike[str] | None = N
     sources = [_ref("base", "base", base)] + [_ref(f"lora-{i}", "lora", s) for i, s in enumerate(loras)]
     if chinese_sp is not None:
         sources.append(_ref("chinese_sp", "chinese_sp", chinese_sp))
+    # The build folder is replaced by every build: it must never be (or hold, or lie in) a source.
+    claim_output(spec.output_dir(root), kind="dir", overwrite=True, what="the build folder (--out)",
+                 inputs=[s.parsed.path for s in sources if s.parsed.path is not None])
     return BuildPlan(spec=spec, name=spec.build_name, display=display, sources=tuple(sources), tokenizer=tokenizer,
                      vocab_size=vocab, out_dir=spec.output_dir(root), store_root=root, catalog_model=model)
 

@@ -11,8 +11,6 @@ published (a user's notes) are carried over. A lock beside the folder serializes
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import logging
 import os
@@ -24,29 +22,15 @@ from typing import Any
 
 from filelock import FileLock
 
+from .. import killpoints
 from ..errors import InputError
-from ..fsutil import _UMASK, TMP_PREFIX, fsync_dir, write_text_atomic
+from ..fsutil import _UMASK, TMP_PREFIX, exchange, fsync_dir, write_text_atomic
 from ..store import Entry, _rmtree
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "build-lock.json"
 _OLD_PREFIX = ".old-"
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a))
 
 
 def _copy_entry(entry: Entry, dest_root: Path, name: str) -> Path:
@@ -67,6 +51,7 @@ def _copy_entry(entry: Entry, dest_root: Path, name: str) -> Path:
 def _copy_file(src: Path, dst: Path) -> None:
     # A copy, not a hard link: store files are read-only and shared; a user editing a published
     # file must not corrupt the cache.
+    killpoints.tick("file")
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
     os.chmod(dst, 0o644)
@@ -141,7 +126,7 @@ def publish(entries: Mapping[str, Entry], out_dir: str | os.PathLike[str], *,
 def _swap_in(staged: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.rename(staged, out_dir)
-    elif _exchange(staged, out_dir):
+    elif exchange(staged, out_dir):
         _rmtree(staged)  # now the previous build
     else:
         old = Path(tempfile.mktemp(prefix=f"{_OLD_PREFIX}{out_dir.name}.", dir=out_dir.parent))

@@ -20,8 +20,8 @@ import contextvars
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ class StageRequest:
     params: dict[str, Any]
     produce: Callable[[Path], Mapping[str, Any] | None] = field(compare=False, repr=False)
     label: str = ""
+    holding: tuple[Entry, ...] = field(default=(), compare=False, repr=False)  # inputs gc must not remove meanwhile
 
     @property
     def version(self) -> str:
@@ -110,11 +111,15 @@ def report_progress(fraction: float, text: str) -> None:
 
 
 def _bytes_progress(total: int, what: str) -> Callable[[int], None]:
-    """A ``progress(nbytes)`` callback (merge, convert) turned into fractions of ``total``."""
+    """A ``progress(nbytes)`` callback (merge, convert: once per tensor written) turned into
+    fractions of ``total``; each call is also a tensor and its bytes for the kill points."""
+    from ..progress import advance
+
     done = [0]
 
     def on_bytes(n: int) -> None:
         done[0] += n
+        advance(tensors=1, nbytes=n)
         report_progress(done[0] / total if total else 0.0, f"{what}: {done[0] / 1e6:.0f} MB written")
 
     return on_bytes
@@ -130,14 +135,30 @@ def digest(entry: Entry) -> str:
 
 
 def run_stage(store: Store, request: StageRequest) -> Entry:
-    """Produce (or fetch from the store) one stage's outputs."""
+    """Produce (or fetch from the store) one stage's outputs; its input entries are held meanwhile
+    (``cache gc`` skips them), and each stage start is a kill point ("stage") for the crash tests."""
+    from .. import killpoints
+
+    killpoints.tick("stage")
     return store.get_or_produce(request.stage, version=request.version, inputs=request.inputs,
-                                params=request.params, produce=request.produce)
+                                params=request.params, produce=request.produce, holding=request.holding)
+
+
+def _entries_in(value: Any) -> Iterator[Entry]:
+    if isinstance(value, Entry):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _entries_in(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _entries_in(v)
 
 
 def request_for(node: StageNode, inputs: Mapping[str, Any]) -> StageRequest:
     """The request of ``node`` given its resolved inputs (entries, and prepared runtime values)."""
-    return STAGES[node.stage].request(node, inputs)
+    request = STAGES[node.stage].request(node, inputs)
+    return replace(request, holding=tuple(_entries_in(inputs)))
 
 
 def summary(value: Any) -> Any:

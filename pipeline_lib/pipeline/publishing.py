@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,16 @@ from filelock import FileLock
 
 from .. import killpoints
 from ..errors import InputError
-from ..fsutil import _UMASK, TMP_PREFIX, exchange, fsync_dir, write_text_atomic
-from ..store import Entry, _rmtree
+from ..fsutil import (
+    TMP_PREFIX,
+    exchange,
+    fsync_dir,
+    remove_path,
+    sweep_leftovers,
+    tmp_name,
+    write_text_atomic,
+)
+from ..store import Entry
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +86,15 @@ def _carry_foreign(old: Path, staged: Path, ours: set[str]) -> None:
 
 
 def _recover(out_dir: Path) -> None:
-    """Undo what a publish killed midway left: put an old build back, drop staged leftovers."""
-    parent = out_dir.parent
-    olds = sorted(parent.glob(f"{_OLD_PREFIX}{out_dir.name}.*"))
+    """Undo what a publish killed midway left (called under the publish lock): put an old build
+    back, drop old builds and staged folders of processes that are gone."""
+    olds = sorted(out_dir.parent.glob(f"{_OLD_PREFIX}{out_dir.name}.*"))
     if olds and not out_dir.exists():
         log.warning("restoring the previous build %s (a publish was interrupted)", out_dir)
         os.rename(olds.pop(), out_dir)
-    for p in olds + sorted(parent.glob(f"{TMP_PREFIX}{out_dir.name}.*")):
-        _rmtree(p)
+    for p in olds:
+        remove_path(p)
+    sweep_leftovers(out_dir)
 
 
 def publish(entries: Mapping[str, Entry], out_dir: str | os.PathLike[str], *,
@@ -102,7 +110,8 @@ def publish(entries: Mapping[str, Entry], out_dir: str | os.PathLike[str], *,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out_dir.parent / f".{out_dir.name}.publish.lock")):
         _recover(out_dir)
-        staged = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}.", dir=out_dir.parent))
+        staged = out_dir.parent / tmp_name(out_dir.name)
+        os.mkdir(staged, 0o777)  # the umask applies, as for any folder the user makes
         try:
             paths = [_copy_entry(entry, staged, name) for name, entry in entries.items()]
             names = [name for name in entries]
@@ -114,11 +123,9 @@ def publish(entries: Mapping[str, Entry], out_dir: str | os.PathLike[str], *,
                 _carry_foreign(out_dir, staged, _previously_published(out_dir) | {n.rstrip("/") for n in names})
             for d in sorted({p.parent for p in staged.rglob("*")} | {staged}):
                 fsync_dir(d)
-            os.chmod(staged, 0o777 & ~_UMASK)
             _swap_in(staged, out_dir)
         except BaseException:
-            if staged.exists():
-                _rmtree(staged)
+            remove_path(staged)
             raise
     return tuple(out_dir / p.relative_to(staged) for p in paths)
 
@@ -127,10 +134,10 @@ def _swap_in(staged: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.rename(staged, out_dir)
     elif exchange(staged, out_dir):
-        _rmtree(staged)  # now the previous build
+        remove_path(staged)  # now the previous build
     else:
-        old = Path(tempfile.mktemp(prefix=f"{_OLD_PREFIX}{out_dir.name}.", dir=out_dir.parent))
+        old = out_dir.parent / f"{_OLD_PREFIX}{out_dir.name}.{os.getpid()}"
         os.rename(out_dir, old)
         os.rename(staged, out_dir)  # a crash right before this line: _recover puts `old` back
-        _rmtree(old)
+        remove_path(old)
     fsync_dir(out_dir.parent)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _gguf_fixtures import gguf_fields, gguf_tensors, hf_folder_source, llama_logits, reference_ggml_to_gguf
 
-from pipeline_lib import cli
+from flows.cli import main as cli
 from pipeline_lib.errors import InputError
 from pipeline_lib.ggml_legacy import GGJT_MAGIC, LEGACY_TYPES, export_ggml, find_n_mult
 from pipeline_lib.gguf_export import convert

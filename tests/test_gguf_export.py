@@ -20,7 +20,7 @@ from _gguf_fixtures import (
     reference_convert,
 )
 
-from pipeline_lib import cli
+from flows.cli import main as cli
 from pipeline_lib.errors import InputError
 from pipeline_lib.gguf_export import OUTTYPES, convert, plan_convert, read_vocab
 from pipeline_lib.merge import plan_merge

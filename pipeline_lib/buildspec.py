@@ -100,6 +100,10 @@ class BuildSpec(BaseModel):
                                    description="llama.cpp quantization types, one file each")
     ggml_types: list[str] = Field(default_factory=lambda: ["q4_0"], description="legacy GGML types")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="merged weights' dtype")
+    precise: bool = Field(False, title="Precise arithmetic",
+                          description="float32 accumulation with one rounding (PEFT's float32 merge) instead of the "
+                          "release's fp16 rounding after each LoRA; the merged files then differ from the official "
+                          "SHA256")
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
     out_dir: str | None = Field(None, description="folder to publish the results in "
                                 "(default: $ZHLLAMA_HOME/builds/<model>)")

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "download": "download",
     "merge": "merge",
     "convert": "convert",
+    "fingerprint": "fingerprint",
     "quantize": "quantize",
     "eval": "evaluate",
     "generate": "chat",

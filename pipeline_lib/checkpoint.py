@@ -23,6 +23,7 @@ import mmap
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -124,7 +125,9 @@ def load_mmap(path: Path) -> tuple[dict, bool]:
     if not use_mmap:
         log.warning("%s is a legacy (non-zip) PyTorch file: read into memory, not mapped", path)
     try:
-        obj = torch.load(path, map_location="cpu", mmap=use_mmap, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are noise here; failures are reported
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", mmap=use_mmap, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower():
             raise InputError(f"cannot read {path}: {_first_line(exc)}",

@@ -650,7 +650,9 @@ def merge(base: str | Path, loras: Sequence[str | Path], *, out: str | Path, for
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"output folder {out} already exists", fix="choose another --out or remove it")
-    max_shard_size = parse_shard_size(max_shard_size)
+    if isinstance(max_shard_size, str):
+        max_shard_size = parse_shard_size(max_shard_size)  # our words for "lots", not float()'s
+    parse_shard_size(max_shard_size)  # a positive byte count either way
     t0 = time.perf_counter()
     plan = plan_merge(base, loras, dtype=dtype, precise=precise)
     kwargs = {"max_shard_size": max_shard_size} if format == "hf" else {"parts": parts}

@@ -32,11 +32,11 @@ def register(subparsers) -> None:
                    f"ggml {'|'.join(GGML_OUTTYPES)} (default f16)")
     p.add_argument("--format", choices=("gguf", "ggml"), default="gguf", help="gguf (default) or legacy ggml (ggjt v3)")
     p.add_argument("--name", default=None, help="general.name written in the GGUF (default: the folder name)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
-                   help="dtype of the merged tensors before conversion (with --base/--lora)")
     p.add_argument("--precise", action="store_true",
                    help="with --base/--lora: float32 accumulation, one rounding (PEFT's float32 merge) instead of "
                    "the release's fp16 rounding after each LoRA")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="dtype of the merged tensors before conversion (with --base/--lora)")
     p.set_defaults(func=run)
 
 

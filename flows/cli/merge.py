@@ -29,14 +29,14 @@ def register(subparsers) -> None:
     p.add_argument("--precise", action="store_true",
                    help="float32 accumulation with one rounding at the end (PEFT's float32 merge) instead of the "
                    "release's fp16 rounding after each LoRA; the result then differs from the official files")
-    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (hf format), e.g. 2GB")
-    p.add_argument("--parts", type=int, default=None,
-                   help="pth format: number of consolidated parts (default: the release's, from the hidden size)")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="catalog model being built (e.g. alpaca-plus-7b): check the output against its official "
                    "SHA256 and say whether it matches")
     p.add_argument("--require-official", action="store_true",
                    help="with --model: exit 1 if an output file DIFFERS from its official hash")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (hf format), e.g. 2GB")
+    p.add_argument("--parts", type=int, default=None,
+                   help="pth format: number of consolidated parts (default: the release's, from the hidden size)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
@@ -51,12 +51,12 @@ def run(args: argparse.Namespace) -> int:
     # (a path that exists is never split, even if it has a comma in it)
     args.lora = [p.strip() for item in args.lora
                  for p in ([item] if Path(item).exists() else item.split(",")) if p.strip()]
+    plan = plan_merge(args.base, args.lora, dtype=args.dtype, precise=args.precise)  # fail fast, before the bar
     max_shard_size = parse_shard_size(args.max_shard_size)
     if args.require_official and not args.model:
         raise InputError("--require-official needs --model", fix="add --model NAME (e.g. --model alpaca-plus-7b)")
     if args.model:
         catalog.get(args.model)  # an unknown name fails now, not after the merge
-    plan = plan_merge(args.base, args.lora, dtype=args.dtype, precise=args.precise)  # fail fast, before the bar
     with bar(plan.output_bytes, "merge") as pbar:
         result = merge(args.base, args.lora, out=args.out, format=args.format, dtype=args.dtype,
                        max_shard_size=max_shard_size, parts=args.parts, overwrite=args.overwrite,

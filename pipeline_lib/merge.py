@@ -147,17 +147,13 @@ class MergeAudit:
             n = len(self._names)
             self._changed = [0] * n
             self._unchanged: list[list[str]] = [[] for _ in range(n)]
-            self._elements = [0] * n
-            self._elements_targeted = [0] * n
             self._copies: dict[str, tuple[int, bool]] = {}  # vocab tensor -> (LoRA, output equals its copy)
             self._checked = 0
             self.result: AuditResult | None = None
 
-    def pair(self, idx: int, target: str, changed_elements: int, numel: int) -> None:
+    def pair(self, idx: int, target: str, changed: bool) -> None:
         with self._lock:
-            self._elements[idx] += changed_elements
-            self._elements_targeted[idx] += numel
-            if changed_elements:
+            if changed:
                 self._changed[idx] += 1
             else:
                 self._unchanged[idx].append(target.removesuffix(".weight"))
@@ -179,8 +175,6 @@ class MergeAudit:
                 "modules_targeted": self._targets[i],
                 "modules_changed": self._changed[i],
                 "modules_unchanged": self._unchanged[i],
-                "elements_changed": self._elements[i],
-                "elements_targeted": self._elements_targeted[i],
                 "full_weights": self._full[i],
                 "full_weights_in_output": [n for n, (j, eq) in self._copies.items() if j == i and eq],
                 "full_weights_superseded": [n for n in self._full[i] if n not in self._used[i]],
@@ -467,10 +461,11 @@ def _non_finite(t: torch.Tensor) -> str | None:
 _SAME_SIZE_INT: dict[int, torch.dtype] = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _changed(after: torch.Tensor, before: torch.Tensor) -> int:
-    """How many elements differ bit for bit (compared as integers: fast, and NaN-safe)."""
+def _changed(after: torch.Tensor, before: torch.Tensor) -> bool:
+    """Whether any element differs bit for bit (compared as integers: NaN-safe, and ``equal`` stops at the
+    first difference, so a module that changed costs next to nothing to check)."""
     as_int = _SAME_SIZE_INT[after.element_size()]
-    return int(torch.count_nonzero(after.view(as_int) != before.view(as_int)))
+    return not torch.equal(after.view(as_int), before.view(as_int))
 
 
 def _refuse_non_finite_input(t: torch.Tensor, name: str, origin: str) -> None:
@@ -528,7 +523,7 @@ def _merged_tensor(plan: MergePlan, step: TensorStep) -> torch.Tensor:
             new += w  # = PEFT's W += delta (IEEE addition commutes), in the delta's buffer so W stays for the audit
             _refuse_bad_update(plan, idx, pair, new, new)
             if audit is not None:
-                audit.pair(idx, pair.target, _changed(new, w), new.numel())
+                audit.pair(idx, pair.target, _changed(new, w))
             w = new
             del new
         out = w.to(plan.dtype)
@@ -549,7 +544,7 @@ def _merged_tensor(plan: MergePlan, step: TensorStep) -> torch.Tensor:
             new = exact.to(plan.dtype)
             _refuse_bad_update(plan, idx, pair, exact, new)
             if audit is not None:
-                audit.pair(idx, pair.target, _changed(new, out), new.numel())
+                audit.pair(idx, pair.target, _changed(new, out))
             out = new
             del exact, new
     if step.source is not None and audit is not None and step.name in VOCAB_TENSORS and not step.deltas:

@@ -291,7 +291,6 @@ def test_audit_counts_per_lora(rel, chain, tmp_path):
                                                                                  n_targets)
     assert llama["full_weights_in_output"] == [] and len(llama["full_weights_superseded"]) == 2
     assert sorted(alpaca["full_weights_in_output"]) == ["lm_head.weight", "model.embed_tokens.weight"]
-    assert 0 < alpaca["elements_changed"] <= alpaca["elements_targeted"]
     assert audit.tensors_checked == 21 and "changed 14/14" in audit.summary
     json.dumps(list(audit.rows))  # a table the build turns into an artifact
 

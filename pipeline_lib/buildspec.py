@@ -129,6 +129,10 @@ class BuildSpec(BaseModel):
     outtype: OutType = Field("f16", title="GGUF float type", description="the float GGUF quantizations start from")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", title="Merged dtype",
                                                              description="dtype of the merged weights")
+    precise: bool = Field(False, title="Precise arithmetic",
+                          description="float32 accumulation with one rounding (PEFT's float32 merge) instead of the "
+                          "release's fp16 rounding after each LoRA; the merged files then differ from the official "
+                          "SHA256")
     name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", title="Build name",
                              description="name of a custom build (files and folder are named after it)")
 

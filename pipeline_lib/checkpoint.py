@@ -20,8 +20,10 @@ import ctypes
 import json
 import logging
 import mmap
+import pickle
 import re
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -123,15 +125,39 @@ def load_mmap(path: Path) -> tuple[dict, bool]:
     if not use_mmap:
         log.warning("%s is a legacy (non-zip) PyTorch file: read into memory, not mapped", path)
     try:
-        obj = torch.load(path, map_location="cpu", mmap=use_mmap, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 — any unpickling failure is an input problem
-        raise InputError(f"cannot read {path}: {exc}",
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are noise here; failures are reported
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", mmap=use_mmap, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise InputError(f"cannot read {path}: {_first_line(exc)}",
+                             expected="a complete PyTorch checkpoint of tensors",
+                             fix="re-download the file; it is damaged or truncated") from None
+        # torch's own text advises re-running with weights_only=False, i.e. running the file's code: never
+        # pass that on. Name what was refused instead.
+        found = _UNSAFE_GLOBAL.search(str(exc)) or _UNSUPPORTED.search(str(exc))
+        what = f" ({found.group(0)})" if found else ""
+        raise InputError(f"{path} is refused as unsafe: its pickle holds code or objects other than tensors{what}",
+                         expected="a checkpoint of plain tensors (torch.save of a state dict, or .safetensors)",
+                         fix="use the release's original file (check it with `zhllama verify`) or a .safetensors "
+                             "copy; zhllama never runs code from a checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 — any other unpickling failure is an input problem
+        raise InputError(f"cannot read {path}: {_first_line(exc)}",
                          expected="a PyTorch checkpoint of tensors (zip format, loadable with weights_only=True)",
-                         fix="re-download the file; legacy or pickled-code checkpoints are not accepted") from exc
+                         fix="re-download the file; it is damaged or not a PyTorch checkpoint") from exc
     if not isinstance(obj, dict):
         raise InputError(f"{path} holds a {type(obj).__name__}, not a dict of tensors",
                          expected="a state dict", fix="point at the checkpoint file itself")
     return obj, use_mmap
+
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL [\w.]+")
+_UNSUPPORTED = re.compile(r"Unsupported operand \d+")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 COPY_CHUNK = 32 * 1024 * 1024  # bytes copied between page drops
@@ -263,13 +289,15 @@ class Checkpoint:
     """
 
     def __init__(self, path: Path, fmt: str, config: dict, tokenizer_dir: Path | None,
-                 layout: dict[str, list[tuple[_Reader, str]]], files: list[Path]) -> None:
+                 layout: dict[str, list[tuple[_Reader, str]]], files: list[Path],
+                 stored_order: list[str] | None = None) -> None:
         self.path = path
         self.format = fmt
         self.config = config
         self.tokenizer_dir = tokenizer_dir
         self.files = files
         self._layout = layout  # HF name -> [(reader, key in that file)] (several for Meta parts)
+        self._stored_order = stored_order if stored_order is not None else list(layout)
         self._infos = self._make_infos()
 
     # -- TensorSource
@@ -283,6 +311,13 @@ class Checkpoint:
     # -- extras
     def names(self) -> list[str]:
         return list(self._infos)
+
+    def file_order(self) -> list[str]:
+        """HF names in the order they are stored: files sorted by name, keys in each file's own order.
+
+        (Buffers such as ``inv_freq`` left out; for Meta parts, the order of the first part.)
+        """
+        return list(self._stored_order)
 
     def info(self, name: str) -> TensorInfo:
         return self._infos[name]
@@ -380,24 +415,51 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                      fix="point --base at the folder that holds the weight files")
 
 
+# What config.json must say for the checkpoint to be read as LLaMA (a table: 2023 and current spellings).
+LLAMA_MODEL_TYPES = frozenset({"llama"})
+LLAMA_ARCHITECTURES = frozenset({"LlamaForCausalLM", "LLaMAForCausalLM"})
+
+
+def require_llama_config(config: object, where: Path) -> dict:
+    """Refuse a config.json that is not a JSON object or does not describe a LLaMA causal LM."""
+    if not isinstance(config, dict):
+        raise InputError(f"{where} is not a JSON object", expected="an HF config.json",
+                         fix="use the config.json written with the model")
+    model_type = config.get("model_type")
+    archs = config.get("architectures")
+    if model_type is None and archs is None:
+        raise InputError(f"{where} names neither model_type nor architectures",
+                         expected='a LLaMA config.json ("model_type": "llama", "architectures": ["LlamaForCausalLM"])',
+                         fix="use the config.json of the LLaMA base model")
+    if model_type is not None and model_type not in LLAMA_MODEL_TYPES:
+        raise InputError(f"{where} describes a {model_type!r} model, not LLaMA",
+                         expected='"model_type": "llama"', fix="point --base at a LLaMA base model")
+    if archs is not None and (not isinstance(archs, list) or not LLAMA_ARCHITECTURES & set(map(str, archs))):
+        raise InputError(f"{where} describes architectures {archs}, not LLaMA",
+                         expected='"architectures": ["LlamaForCausalLM"]', fix="point --base at a LLaMA base model")
+    return config
+
+
 def _open_hf(path: Path, fmt: str, files: list[Path]) -> Checkpoint:
     if not (path / "config.json").is_file():
         raise InputError(f"{path} has weight shards but no config.json", fix="download config.json with the model")
-    config = _read_json(path / "config.json")
+    config = require_llama_config(_read_json(path / "config.json"), path / "config.json")
     layout: dict[str, list[tuple[_Reader, str]]] = {}
+    readers: dict[Path, _Reader] = {}
     for f in files:
-        reader = open_tensor_file(f)
+        reader = readers[f] = open_tensor_file(f)
         for key in reader.keys():
             if names.is_ignored(key):
                 continue
             if key in layout:
                 raise InputError(f"tensor {key} appears in two shards of {path}", fix="re-download the model")
             layout[key] = [(reader, key)]
+    stored = [k for f in sorted(files, key=lambda p: p.name) for k in readers[f].keys() if not names.is_ignored(k)]
     config = dict(config)
     if "torch_dtype" not in config and layout:
         first = next(iter(layout.values()))[0]
         config["torch_dtype"] = dtype_name(first[0].info(first[1])[0])
-    return Checkpoint(path, fmt, config, _find_tokenizer_dir(path, path.parent), layout, files)
+    return Checkpoint(path, fmt, config, _find_tokenizer_dir(path, path.parent), layout, files, stored)
 
 
 _PART_RE = re.compile(r"consolidated\.(\d+)\.pth$")
@@ -405,6 +467,12 @@ _PART_RE = re.compile(r"consolidated\.(\d+)\.pth$")
 
 def _open_meta(path: Path) -> Checkpoint:
     params = _read_json(path / "params.json")
+    bad = [k for k in ("dim", "n_heads", "n_layers") if not isinstance(params, dict)
+           or isinstance(params.get(k), bool) or not isinstance(params.get(k), int)]
+    if bad:
+        raise InputError(f"{path / 'params.json'} lacks integer {', '.join(bad)}",
+                         expected='Meta\'s params.json ({"dim": 4096, "n_heads": 32, "n_layers": 32, ...})',
+                         fix="use the params.json released with the consolidated.*.pth files")
     files = sorted(path.glob("consolidated.*.pth"), key=lambda p: int(_PART_RE.search(p.name).group(1)))
     readers = [_BinFile(f) for f in files]
     layout: dict[str, list[tuple[_Reader, str]]] = {}

@@ -130,7 +130,51 @@ def read_adapter_config(folder: Path) -> dict:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
-        raise InputError(f"cannot read {path}: {exc}", fix="re-download the LoRA") from exc
+        raise InputError(f"cannot read {path}: {exc}", fix="re-download the LoRA") from None
+    return check_adapter_config(cfg, path)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# adapter_config.json fields we act on -> (check, what it must be). Anything else is only logged.
+_CONFIG_SCHEMA: dict[str, tuple] = {
+    "fan_in_fan_out": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "target_modules": (lambda v: v is None or isinstance(v, str)
+                       or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "a list of module names"),
+    "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                        "a list of module names"),
+    "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(_is_number(x) for x in v.values())),
+                     "an object of module -> rank"),
+    "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(_is_number(x) for x in v.values())),
+                      "an object of module -> alpha"),
+}
+
+
+def check_adapter_config(cfg: object, path: Path) -> dict:
+    """Schema check of a parsed adapter_config.json: one InputError naming the bad field, never a traceback."""
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path} holds a JSON {type(cfg).__name__}, not an object",
+                         expected='adapter_config.json: {"r": 8, "lora_alpha": 32, "target_modules": [...], ...}',
+                         fix="re-download the LoRA; this is not its adapter_config.json")
+    r = cfg.get("r")
+    if "r" not in cfg or not _is_number(r) or r != int(r) or r < 1:
+        raise InputError(f"{path}: the LoRA rank r is {'missing' if 'r' not in cfg else repr(r)}",
+                         expected="a positive integer r (8 for the LLaMA LoRAs, 64 for the Alpaca ones)",
+                         fix="re-download the LoRA; use the adapter_config.json released with its adapter_model file")
+    alpha = cfg.get("lora_alpha")
+    if "lora_alpha" not in cfg or not _is_number(alpha):
+        raise InputError(f"{path}: lora_alpha is {'missing' if 'lora_alpha' not in cfg else repr(alpha)}",
+                         expected="a number (32 for the LLaMA LoRAs, 128 for the Alpaca ones); the merge scales "
+                                  "by lora_alpha / r",
+                         fix="re-download the LoRA; use the adapter_config.json released with its adapter_model file")
+    for key, (ok, what) in _CONFIG_SCHEMA.items():
+        if key in cfg and not ok(cfg[key]):
+            raise InputError(f"{path}: {key} is {cfg[key]!r}", expected=what,
+                             fix="re-download the LoRA; use the adapter_config.json released with it")
     return cfg
 
 
@@ -163,7 +207,7 @@ def load_adapter(path: str | Path) -> LoraAdapter:
     reader = open_tensor_file(weights_file)
 
     r = int(cfg["r"])
-    alpha = float(cfg.get("lora_alpha", r))
+    alpha = float(cfg["lora_alpha"])
     rslora = bool(cfg.get("use_rslora", False))
     fifo = bool(cfg.get("fan_in_fan_out", False))
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}

@@ -1,31 +1,51 @@
 """Streaming multi-LoRA merge: plan every check first, then produce merged tensors one at a time.
 
-Semantics are those of PEFT's ``merge_and_unload`` applied LoRA after LoRA (LLaMA-Plus, then
-Alpaca-Plus, ...), computed tensor by tensor:
+Two arithmetics, chosen by ``precise`` (see docs/merge.md for the measured difference):
 
-* a full weight in a LoRA (``modules_to_save``: the enlarged ``embed_tokens`` / ``lm_head``)
-  replaces the tensor, so the vocabulary grows 32000 -> 49953 -> 49954;
-* a lora_A/lora_B pair adds ``(B @ A) * scale`` with ``scale = alpha / r`` (``alpha / sqrt(r)``
-  with rslora), transposed for ``lora_embedding_*``. ``fan_in_fan_out`` is ignored for LLaMA's
-  ``nn.Linear`` layers exactly as PEFT ignores it (PEFT resets it to False with a warning);
-* all arithmetic is float32, in PEFT's order (``delta = B @ A; delta *= scale; W += delta``), so
-  our float32 result is bit-identical to PEFT's float32 merge; the result is cast ONCE to the output
-  dtype at the end. For a chain this means the fp16 output equals PEFT's float32 merge cast to fp16.
-  (Running PEFT on an fp16 model instead rounds to fp16 after every LoRA; that double rounding
-  differs from ours by at most one fp16 ulp in a few elements. We choose the single rounding: it is
-  closer to the exact result and does not depend on the dtype the user happened to load PEFT with.)
-* tensors no LoRA touches are copied unchanged (cast only if the output dtype differs).
+**Release arithmetic (the default)** — the Chinese-LLaMA-Alpaca release's own merge script
+(``merge_llama_with_chinese_lora_low_mem.py``), whose outputs the official merged SHA256 values
+were made from. For each tensor, base in the output dtype (fp16 for the release), then per LoRA in
+chain order:
+
+* a full weight (``embed_tokens``/``lm_head``, the enlarged vocabulary) **replaces** the tensor,
+  cast to the output dtype; a later LoRA's copy wins;
+* a lora_A/lora_B pair: ``delta = (B.float() @ A.float())``, transposed when the adapter says
+  ``fan_in_fan_out``, times ``lora_alpha / r``, in float32; it is added **in place** into the fp16
+  tensor, i.e. ``W16 = fp16(fp32(W16) + delta)``: one fp16 rounding *per LoRA*. (Not PEFT's fp16
+  path, which rounds the delta to fp16 first.)
+
+**Precise arithmetic** (``precise=True``, ``--precise``): PEFT's sequential ``merge_and_unload`` in
+float32 (``delta = B @ A; delta *= scale; W += delta``), bit-identical to PEFT's float32 merge,
+cast to the output dtype ONCE at the end; ``fan_in_fan_out`` is ignored for ``nn.Linear`` layers
+exactly as PEFT ignores it (PEFT resets it to False with a warning).
+
+In both, ``scale`` is the adapter's (``alpha / r``, ``alpha / sqrt(r)`` with rslora, per-module
+``rank_pattern``/``alpha_pattern``: the release's adapters have none of those, so for them it is
+``lora_alpha / r``), ``lora_embedding_*`` updates are transposed as PEFT does, and tensors no LoRA
+touches are copied unchanged (cast only if the output dtype differs).
+
+**Order.** Tensors come in the release's order, a table, not the reader's: for an HF ``.bin`` base
+the shards' own order (files sorted by name, keys in each shard's order), for a safetensors or Meta
+base the order of the official HF shards, which is 2023 transformers' module registration order
+(:func:`pipeline_lib.names.hf_names`). The same inputs in any base format give the same stream.
 
 ``plan_merge`` reads only headers and configs and raises :class:`InputError` for every problem it
 can see before a byte is written: LoRA order reversed, a tokenizer that does not fit its LoRA's
-embeddings, a LoRA for another model size, a LoRA targeting a module the base lacks, bad shapes.
-The returned :class:`MergePlan` is a :class:`~pipeline_lib.checkpoint.TensorSource`; writers (HF,
-pth, GGUF) consume its ``iter_tensors()`` stream, so merge -> GGUF needs no intermediate checkpoint.
+embeddings or the merged vocabulary, a LoRA for another model size, a LoRA whose keys match
+nothing or target a module the base lacks, the same LoRA twice, bad shapes. The returned
+:class:`MergePlan` is a :class:`~pipeline_lib.checkpoint.TensorSource`; writers (HF, pth, GGUF)
+consume its ``iter_tensors()`` stream, so merge -> GGUF needs no intermediate checkpoint.
+
+While streaming, every merged tensor is checked for NaN/Inf (naming the tensor and the LoRA) and
+audited (:class:`MergeAudit`): per LoRA, how many of the modules it targets changed; whether
+``embed_tokens``/``lm_head`` are the last LoRA's full copies. A LoRA that changed nothing fails
+the stream at its end, so an atomic writer leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +67,12 @@ SIZE_BY_HIDDEN: dict[int, str] = {4096: "7B", 5120: "13B", 6656: "33B", 8192: "6
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 VOCAB_TENSORS = (EMBED, LM_HEAD)
+
+# arithmetic name -> what it is (printed by describe(), recorded in results)
+ARITHMETIC: dict[bool, str] = {
+    False: "release (fp16 rounding after each LoRA, as the release's merge script)",
+    True: "precise (float32 accumulate, one rounding at the end, as PEFT's float32 merge)",
+}
 
 
 def _size_name(hidden: int) -> str:
@@ -77,6 +103,108 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise InputError(f"output dtype {dtype!r} is not supported", expected=", ".join(DTYPE_BY_NAME))
 
 
+def release_order(ckpt: Checkpoint) -> list[str]:
+    """The order the release's merge visits (and writes) the base's tensors.
+
+    An HF ``.bin`` base: its shards' own order (files sorted, keys in each shard's order), as the
+    release's script reads them. Any other base: the official HF shards' order, which is the table
+    :func:`names.hf_names` (the reader's canonical order), then anything unknown in file order.
+    """
+    if ckpt.format == "hf-bin":
+        return ckpt.file_order()
+    return ckpt.names()
+
+
+# ------------------------------------------------------------------ audit
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """What the post-merge audit saw: a summary line and one table row per LoRA (JSON-able)."""
+
+    summary: str
+    rows: tuple[dict, ...]
+    tensors_checked: int
+    ok: bool
+
+
+class MergeAudit:
+    """Collects, while the merge streams, what each LoRA changed; one stream at a time.
+
+    Nothing is read twice: every number comes from tensors the merge has in hand anyway.
+    """
+
+    def __init__(self, loras: Sequence[LoraAdapter], steps: dict[str, TensorStep]) -> None:
+        self._names = [lo.name for lo in loras]
+        self._targets = [len(lo.pairs) for lo in loras]
+        self._full = [sorted(lo.full_weights) for lo in loras]
+        self._used = [sorted(n for n, st in steps.items() if st.source == i) for i in range(len(loras))]
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            n = len(self._names)
+            self._changed = [0] * n
+            self._unchanged: list[list[str]] = [[] for _ in range(n)]
+            self._copies: dict[str, tuple[int, bool]] = {}  # vocab tensor -> (LoRA, output equals its copy)
+            self._checked = 0
+            self.result: AuditResult | None = None
+
+    def pair(self, idx: int, target: str, changed: bool) -> None:
+        with self._lock:
+            if changed:
+                self._changed[idx] += 1
+            else:
+                self._unchanged[idx].append(target.removesuffix(".weight"))
+
+    def copy(self, name: str, idx: int, equal: bool) -> None:
+        with self._lock:
+            self._copies[name] = (idx, equal)
+
+    def tensor(self) -> None:
+        with self._lock:
+            self._checked += 1
+
+    def finish(self) -> AuditResult:
+        """The result; InputError if a LoRA changed nothing (a silent partial merge)."""
+        rows = []
+        for i, name in enumerate(self._names):
+            rows.append({
+                "lora": name,
+                "modules_targeted": self._targets[i],
+                "modules_changed": self._changed[i],
+                "modules_unchanged": self._unchanged[i],
+                "full_weights": self._full[i],
+                "full_weights_in_output": [n for n, (j, eq) in self._copies.items() if j == i and eq],
+                "full_weights_superseded": [n for n in self._full[i] if n not in self._used[i]],
+            })
+        dead = [r for r in rows if r["modules_changed"] == 0 and not r["full_weights_in_output"]]
+        if dead:
+            r = dead[0]
+            raise InputError(
+                f"LoRA {r['lora']} changed nothing: 0 of the {r['modules_targeted']} modules it targets changed"
+                + (" and its full weights were all replaced by a later LoRA" if r["full_weights"] else ""),
+                expected="every LoRA of the chain changes the modules it targets",
+                fix="check that LoRA: an untrained adapter (lora_B all zero) or one too weak to show in float16 "
+                    "changes nothing; re-download it (`zhllama verify`), or leave it out of --lora")
+        bad_copies = [n for n, (_, eq) in self._copies.items() if not eq]
+        parts = []
+        for r in rows:
+            part = f"{r['lora']} changed {r['modules_changed']}/{r['modules_targeted']} targeted modules"
+            if r["full_weights_in_output"]:
+                part += " and gave " + "/".join(n.split(".")[-2] for n in r["full_weights_in_output"])
+            parts.append(part)
+        summary = (f"audit: {self._checked} tensors finite; " + "; ".join(parts or ["no LoRA"])
+                   + (f"; NOT equal to their LoRA copies: {bad_copies}" if bad_copies else ""))
+        self.result = AuditResult(summary=summary, rows=tuple(rows), tensors_checked=self._checked,
+                                  ok=not bad_copies and all(not r["modules_unchanged"] for r in rows))
+        return self.result
+
+
+# ------------------------------------------------------------------ plan
+
+
 @dataclass(frozen=True)
 class MergePlan:
     """A checked merge, not yet executed. Implements TensorSource: ``iter_tensors()`` merges."""
@@ -86,10 +214,12 @@ class MergePlan:
     dtype: torch.dtype
     config: dict
     tokenizer_dir: Path | None
-    steps: dict[str, TensorStep]
+    steps: dict[str, TensorStep]  # in write order (the release's order)
     vocab_before: int
     vocab_after: int
     warnings: tuple[str, ...] = ()
+    precise: bool = False
+    audit: MergeAudit | None = field(default=None, compare=False, repr=False)
 
     def tensor_infos(self) -> list[TensorInfo]:
         return [TensorInfo(s.name, s.shape, self.dtype) for s in self.steps.values()]
@@ -102,6 +232,10 @@ class MergePlan:
     def n_touched(self) -> int:
         return sum(1 for s in self.steps.values() if s.touched)
 
+    @property
+    def arithmetic(self) -> str:
+        return "precise" if self.precise else "release"
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter_merged(self)
 
@@ -109,7 +243,7 @@ class MergePlan:
         chain = " -> ".join(lo.name for lo in self.loras) or "(no LoRA)"
         return (f"{self.base.path} + {chain}: {len(self.steps)} tensors ({self.n_touched} merged), "
                 f"vocab {self.vocab_before} -> {self.vocab_after}, {dtype_name(self.dtype)}, "
-                f"{fsutil.human_bytes(self.output_bytes)}")
+                f"{self.arithmetic} arithmetic, {fsutil.human_bytes(self.output_bytes)}")
 
 
 def _lora_hidden(lora: LoraAdapter) -> int | None:
@@ -123,25 +257,85 @@ def _lora_hidden(lora: LoraAdapter) -> int | None:
     return None
 
 
+def _update_shape(lora: LoraAdapter, pair: LoraPair, *, precise: bool) -> tuple[int, ...]:
+    """Shape of the update a pair adds: the release transposes it when the adapter says fan_in_fan_out."""
+    shape = tuple(pair.delta_shape)
+    if lora.fan_in_fan_out and not precise and not pair.embedding:
+        shape = shape[::-1]
+    return shape
+
+
+def _refuse_duplicates(adapters: Sequence[LoraAdapter]) -> None:
+    """The same LoRA twice (same folder, or the same weights file content) would be applied twice."""
+    seen: dict[Path, LoraAdapter] = {}
+    for lo in adapters:
+        key = lo.path.resolve()
+        if key in seen:
+            raise InputError(f"LoRA {lo.name} is given twice (--lora {lo.path})",
+                             expected="each LoRA of the chain once, in release order",
+                             fix="give each LoRA once: --lora <llama-plus-lora> --lora <alpaca-plus-lora>")
+        seen[key] = lo
+    by_size: dict[int, list[LoraAdapter]] = {}
+    for lo in adapters:
+        by_size.setdefault(lo.nbytes, []).append(lo)
+    for group in by_size.values():  # only files of equal size can be equal: hash just those
+        if len(group) < 2:
+            continue
+        digests: dict[str, LoraAdapter] = {}
+        for lo in group:
+            d = fsutil.sha256_file(lo.weights_file)
+            if d in digests:
+                raise InputError(
+                    f"LoRA {lo.name} is the same adapter as LoRA {digests[d].name} "
+                    f"(their {lo.weights_file.name} files are identical, sha256 {d[:16]}…)",
+                    expected="each LoRA of the chain once, in release order",
+                    fix="give each LoRA once; check that the folders hold the LoRAs you meant")
+            digests[d] = lo
+
+
+def _refuse_unmatched(lora: LoraAdapter, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A LoRA none of whose tensors belongs to the base merges as a silent no-op: refuse it by name."""
+    wanted = list(lora.pairs) + list(lora.full_weights)
+    if not wanted:
+        raise InputError(f"LoRA {lora.name} holds no LoRA tensors ({lora.weights_file.name} has no lora_A/lora_B "
+                         "pairs and no full weights)",
+                         expected="lora_A/lora_B pairs (and embed_tokens/lm_head for the Chinese LoRAs)",
+                         fix="re-download the LoRA; this file is not a LoRA adapter")
+    if not any(n in shapes for n in wanted):
+        example = next(iter(lora.pairs.values()), None)
+        key = example.a_key if example is not None else next(iter(lora.full_weights.values())).name
+        raise InputError(
+            f"none of the {len(wanted)} tensors of LoRA {lora.name} matches a tensor of the base model "
+            f"(e.g. {key} -> {wanted[0]})",
+            expected="keys like base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            fix="this adapter was saved for other module names (another architecture, or wrapped twice by PEFT); "
+                "use the LoRA made for this LLaMA base")
+
+
 def plan_merge(base: str | Path | Checkpoint, loras: Sequence[str | Path | LoraAdapter], *,
-               dtype: str | torch.dtype = "float16", check_tokenizers: bool = True) -> MergePlan:
+               dtype: str | torch.dtype = "float16", check_tokenizers: bool = True,
+               precise: bool = False) -> MergePlan:
     """Check a base model and a LoRA chain; return the plan (nothing is written or loaded in full).
 
-    ``loras`` are applied in the given order. Raises InputError naming the cause and the fix.
+    ``loras`` are applied in the given order. ``precise``: float32 accumulation, one rounding
+    (PEFT's float32 merge) instead of the release's arithmetic. Raises InputError naming the
+    cause and the fix.
     """
     ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     adapters = tuple(lo if isinstance(lo, LoraAdapter) else load_adapter(lo) for lo in loras)
+    _refuse_duplicates(adapters)
     out_dtype = as_dtype(dtype)
     cfg = ckpt.config
     hidden = int(cfg.get("hidden_size") or ckpt.info(EMBED).shape[1])
     base_vocab = ckpt.info(EMBED).shape[0] if EMBED in ckpt else int(cfg.get("vocab_size", 0))
 
     shapes = {i.name: i.shape for i in ckpt.tensor_infos()}
-    steps = {n: TensorStep(n, s, None) for n, s in shapes.items()}
+    steps = {n: TensorStep(n, shapes[n], None) for n in release_order(ckpt)}
     vocab, vocab_from = base_vocab, "the base model"
     warnings: list[str] = []
 
     for idx, lora in enumerate(adapters):
+        _refuse_unmatched(lora, shapes)
         lh = _lora_hidden(lora)
         if lh is not None and lh != hidden:
             raise InputError(
@@ -150,7 +344,8 @@ def plan_merge(base: str | Path | Checkpoint, loras: Sequence[str | Path | LoraA
                 fix=f"use the {SIZE_BY_HIDDEN.get(hidden, 'matching')} LoRA with this base, "
                     f"or the {SIZE_BY_HIDDEN.get(lh, 'matching')} base with this LoRA")
         if lora.fan_in_fan_out:
-            warnings.append(f"{lora.name}: fan_in_fan_out=True ignored for nn.Linear layers (as PEFT does)")
+            warnings.append(f"{lora.name}: fan_in_fan_out=True ignored for nn.Linear layers (as PEFT does)" if precise
+                            else f"{lora.name}: fan_in_fan_out=True: updates transposed (as the release's script does)")
         rows = lora.embed_rows()
         # vocabulary: full embeddings replace the current ones; the vocabulary may only grow
         if rows is not None:
@@ -204,8 +399,11 @@ def plan_merge(base: str | Path | Checkpoint, loras: Sequence[str | Path | LoraA
                     expected="LoRA target modules that exist in the base (q/k/v/o/gate/up/down_proj of each layer)",
                     fix="use the LoRA made for this base model")
             cur = steps[target]
-            if tuple(pair.delta_shape) != tuple(cur.shape):
-                raise InputError(f"LoRA {lora.name}: update of {target} has shape {tuple(pair.delta_shape)}",
+            update = _update_shape(lora, pair, precise=precise)
+            if update != tuple(cur.shape):
+                raise InputError(f"LoRA {lora.name}: update of {target} has shape {update}"
+                                 + (" (transposed: the adapter says fan_in_fan_out)"
+                                    if update != tuple(pair.delta_shape) else ""),
                                  expected=f"{tuple(cur.shape)} (the base tensor's shape)",
                                  fix="use the LoRA made for this base model")
             steps[target] = TensorStep(target, cur.shape, cur.source, (*cur.deltas, (idx, pair)))
@@ -218,6 +416,17 @@ def plan_merge(base: str | Path | Checkpoint, loras: Sequence[str | Path | LoraA
     elif check_tokenizers and not any(lo.tokenizer_dir == tok_dir for lo in adapters) and vocab != base_vocab:
         raise InputError(f"the vocabulary grows to {vocab} but no LoRA folder ships a tokenizer.model",
                          fix="put the release's tokenizer files next to the last LoRA")
+    elif check_tokenizers:
+        n_tok = tokenizer_size(tok_dir)
+        if n_tok != vocab:
+            missing = [lo.name for lo in adapters if lo.tokenizer_dir is None]
+            raise InputError(
+                f"the output's tokenizer would be {Path(tok_dir) / 'tokenizer.model'} with {n_tok} tokens, "
+                f"but the merged vocabulary has {vocab} rows"
+                + (f" ({', '.join(missing)} ships no tokenizer.model)" if missing else ""),
+                expected=f"the tokenizer of the last LoRA ({vocab} tokens) next to it",
+                fix=f"put the tokenizer.model released with {adapters[-1].name if adapters else 'the base'} "
+                    "into its folder (Chinese-LLaMA: 49953 pieces, Chinese-Alpaca: 49954)")
 
     out_cfg = dict(cfg)
     out_cfg["vocab_size"] = vocab
@@ -227,30 +436,124 @@ def plan_merge(base: str | Path | Checkpoint, loras: Sequence[str | Path | LoraA
     for w in warnings:
         log.warning(w)
     return MergePlan(base=ckpt, loras=adapters, dtype=out_dtype, config=out_cfg, tokenizer_dir=tok_dir,
-                     steps=steps, vocab_before=base_vocab, vocab_after=vocab, warnings=tuple(warnings))
+                     steps=steps, vocab_before=base_vocab, vocab_after=vocab, warnings=tuple(warnings),
+                     precise=precise, audit=MergeAudit(adapters, steps))
+
+
+# ------------------------------------------------------------------ execute
+
+
+def _non_finite(t: torch.Tensor) -> str | None:
+    """'3 NaN, 1 Inf' if ``t`` holds non-finite values, else None.
+
+    The test is ``aminmax``: NaN propagates into both and an Inf is the max or the min, so one fast pass
+    (``isfinite`` on fp16 is ~25x slower on CPU) decides; the counts are only taken when it fails.
+    """
+    if not t.is_floating_point() or not t.numel():
+        return None
+    lo, hi = torch.aminmax(t)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return None
+    nan = int(torch.isnan(t).sum())
+    return f"{nan} NaN, {int(torch.isinf(t).sum())} Inf"
+
+
+_SAME_SIZE_INT: dict[int, torch.dtype] = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _changed(after: torch.Tensor, before: torch.Tensor) -> bool:
+    """Whether any element differs bit for bit (compared as integers: NaN-safe, and ``equal`` stops at the
+    first difference, so a module that changed costs next to nothing to check)."""
+    as_int = _SAME_SIZE_INT[after.element_size()]
+    return not torch.equal(after.view(as_int), before.view(as_int))
+
+
+def _refuse_non_finite_input(t: torch.Tensor, name: str, origin: str) -> None:
+    bad = _non_finite(t)
+    if bad:
+        raise InputError(f"{origin} holds non-finite values in {name} ({bad})",
+                         expected="finite weights", fix="re-download the file and check it with `zhllama verify`")
+
+
+def _delta(plan: MergePlan, idx: int, pair: LoraPair) -> torch.Tensor:
+    """The float32 update of one pair: ``(B.float() @ A.float())`` [transposed] ``* scale``."""
+    lora = plan.loras[idx]
+    a = lora.load(pair.a_key).to(torch.float32)
+    b = lora.load(pair.b_key).to(torch.float32)
+    delta = b @ a  # PEFT's (and the release's) order of operations
+    del a, b
+    if pair.embedding or (lora.fan_in_fan_out and not plan.precise):
+        delta = delta.T.contiguous()  # lora_embedding_*: (B @ A).T as PEFT; fan_in_fan_out: the release's transpose()
+    delta *= pair.scaling
+    return delta
+
+
+def _refuse_bad_update(plan: MergePlan, idx: int, pair: LoraPair, exact: torch.Tensor, result: torch.Tensor) -> None:
+    """``result`` (the tensor after LoRA ``idx``'s update) must be finite; ``exact`` is the float32 sum
+    before rounding: non-finite there means the LoRA itself holds NaN/Inf, else the rounding overflowed."""
+    bad = _non_finite(result)
+    if not bad:
+        return
+    lora = plan.loras[idx]
+    module = pair.target.removesuffix(".weight")
+    if _non_finite(exact):
+        raise InputError(f"LoRA {lora.name} holds non-finite values: its update of {module} has {_non_finite(exact)}",
+                         expected="finite lora_A/lora_B weights",
+                         fix=f"re-download {lora.weights_file} and check it with `zhllama verify`")
+    raise InputError(
+        f"merging LoRA {lora.name} into {module} overflows {dtype_name(result.dtype)} ({bad})",
+        expected=f"merged weights within {dtype_name(result.dtype)}'s range (±{torch.finfo(result.dtype).max:g})",
+        fix="check that this LoRA belongs to this base model (a damaged or foreign LoRA gives huge updates); "
+            "if the values are meant to be that large, merge with --dtype float32")
 
 
 def _merged_tensor(plan: MergePlan, step: TensorStep) -> torch.Tensor:
+    audit = plan.audit
     if step.source is None:
         t = plan.base.load(step.name)
+        _refuse_non_finite_input(t, step.name, f"the base model {plan.base.path}")
     else:
         lora = plan.loras[step.source]
         t = lora.load(lora.full_weights[step.name].name)
-    if not step.deltas:
-        return t.to(plan.dtype)
-    w = t.to(torch.float32)
+        _refuse_non_finite_input(t, step.name, f"LoRA {lora.name}")
+    if plan.precise and step.deltas:
+        w = t.to(torch.float32)
+        for idx, pair in step.deltas:
+            new = _delta(plan, idx, pair)
+            new += w  # = PEFT's W += delta (IEEE addition commutes), in the delta's buffer so W stays for the audit
+            _refuse_bad_update(plan, idx, pair, new, new)
+            if audit is not None:
+                audit.pair(idx, pair.target, _changed(new, w))
+            w = new
+            del new
+        out = w.to(plan.dtype)
+        if _non_finite(out):  # the single rounding at the end overflows the output dtype
+            idx, pair = step.deltas[-1]
+            _refuse_bad_update(plan, idx, pair, torch.zeros(()), out)
+    else:
+        out = t.to(plan.dtype)  # release: the base (or a full weight) in the output dtype first (an owned copy)
+        if out is not t and _non_finite(out):
+            raise InputError(f"{step.name} does not fit {dtype_name(plan.dtype)} ({_non_finite(out)})",
+                             fix="merge with --dtype float32 to keep the values")
+        for idx, pair in step.deltas:
+            # The release adds in place, W16 += delta, which computes fp32(W16) + delta and rounds it to fp16.
+            # The same sum (IEEE addition commutes) formed in the delta's own buffer, then rounded: bit for bit
+            # that result (tested against the in-place form), without a second copy of W for the audit.
+            exact = _delta(plan, idx, pair)
+            exact += out
+            new = exact.to(plan.dtype)
+            _refuse_bad_update(plan, idx, pair, exact, new)
+            if audit is not None:
+                audit.pair(idx, pair.target, _changed(new, out))
+            out = new
+            del exact, new
+    if step.source is not None and audit is not None and step.name in VOCAB_TENSORS and not step.deltas:
+        # the release's own check: the enlarged embed_tokens/lm_head are the last LoRA's full copies
+        audit.copy(step.name, step.source, out is t or bool(torch.equal(out, t.to(plan.dtype))))
     del t
-    for idx, pair in step.deltas:
-        lora = plan.loras[idx]
-        a = lora.load(pair.a_key).to(torch.float32)
-        b = lora.load(pair.b_key).to(torch.float32)
-        delta = b @ a  # PEFT's order of operations, so float32 results are bit-identical
-        if pair.embedding:
-            delta = delta.T
-        delta *= pair.scaling
-        w += delta
-        del delta, a, b
-    return w.to(plan.dtype)
+    if audit is not None:
+        audit.tensor()
+    return out
 
 
 def iter_merged(plan: MergePlan, *, prefetch: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -258,23 +561,30 @@ def iter_merged(plan: MergePlan, *, prefetch: bool = True) -> Iterator[tuple[str
 
     With ``prefetch`` the next tensor is read and merged in a background thread while the consumer
     writes the current one (torch and file I/O release the GIL), so at most two tensors are alive.
+    After the last tensor the audit is finished (``plan.audit.result``); a LoRA that changed nothing
+    raises InputError there, so a consumer must exhaust the stream (every writer here does).
     """
     steps = list(plan.steps.values())
+    if plan.audit is not None:
+        plan.audit.reset()
     if not prefetch or len(steps) < 2:
         for step in steps:
             yield step.name, _merged_tensor(plan, step)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhllama-merge") as pool:
-        pending = pool.submit(_merged_tensor, plan, steps[0])
-        try:
-            for i, step in enumerate(steps):
-                tensor = pending.result()
-                pending = pool.submit(_merged_tensor, plan, steps[i + 1]) if i + 1 < len(steps) else None
-                yield step.name, tensor
-                del tensor
-        finally:  # consumer stopped early or failed: do not leave work running
-            if pending is not None:
-                pending.cancel()
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhllama-merge") as pool:
+            pending = pool.submit(_merged_tensor, plan, steps[0])
+            try:
+                for i, step in enumerate(steps):
+                    tensor = pending.result()
+                    pending = pool.submit(_merged_tensor, plan, steps[i + 1]) if i + 1 < len(steps) else None
+                    yield step.name, tensor
+                    del tensor
+            finally:  # consumer stopped early or failed: do not leave work running
+                if pending is not None:
+                    pending.cancel()
+    if plan.audit is not None:
+        result = plan.audit.finish()
+        log.info("%s", result.summary)
 
 
 # ------------------------------------------------------------------ merge to disk
@@ -296,17 +606,36 @@ class MergeResult:
     bytes_written: int
     seconds: float
     warnings: tuple[str, ...] = field(default=())
+    arithmetic: str = "release"  # "release" (the default) or "precise"
+    audit: AuditResult | None = None
+
+
+def parse_shard_size(value: int | str) -> int:
+    """``--max-shard-size``: a positive byte count or a size such as ``2GB``, ``500MB``, ``1.5GiB``."""
+    if isinstance(value, str):
+        try:
+            value = fsutil.parse_size(value)
+        except (ValueError, OverflowError):
+            raise InputError(f"--max-shard-size {value!r} is not a size",
+                             expected="a size such as 2GB, 500MB, 1.5GiB or a number of bytes",
+                             fix="e.g. --max-shard-size 2GB") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InputError(f"--max-shard-size {value!r} is not a positive size", expected="e.g. 2GB",
+                         fix="e.g. --max-shard-size 2GB")
+    return value
 
 
 def merge(base: str | Path, loras: Sequence[str | Path], *, out: str | Path, format: str = "hf",
           dtype: str = "float16", max_shard_size: int | str = "2GB", parts: int | None = None,
-          overwrite: bool = False, progress=None) -> MergeResult:
+          overwrite: bool = False, progress=None, precise: bool = False) -> MergeResult:
     """Merge ``loras`` (in order) into ``base`` and write the model to the folder ``out``.
 
     ``format`` "hf": sharded safetensors + index + config + tokenizer; "pth": Meta consolidated parts
-    (``parts`` defaults to the release's count for the hidden size). Every check runs before the
-    first write; the folder appears atomically when complete. ``progress(nbytes)`` is called as
-    tensors are written.
+    (``parts`` defaults to the release's count for the hidden size), in the release's byte layout.
+    ``precise``: PEFT's float32 arithmetic instead of the release's (see the module doc). Every
+    check runs before the first write; the folder appears atomically when complete, and not at all
+    if a merged tensor is not finite or a LoRA changed nothing. ``progress(nbytes)`` is called as
+    tensors are written. The result carries the post-merge audit.
     """
     from . import hf_writer, pth_writer
 
@@ -315,12 +644,10 @@ def merge(base: str | Path, loras: Sequence[str | Path], *, out: str | Path, for
         raise InputError(f"output format {format!r} is not supported", expected=" or ".join(FORMATS))
     out = fsutil.claim_output(out, kind="dir", inputs=[base, *loras], overwrite=overwrite)  # never an input
     if isinstance(max_shard_size, str):
-        try:
-            max_shard_size = fsutil.parse_size(max_shard_size)
-        except ValueError as exc:
-            raise InputError(str(exc)) from exc
+        max_shard_size = parse_shard_size(max_shard_size)  # our words for "lots", not float()'s
+    parse_shard_size(max_shard_size)  # a positive byte count either way
     t0 = time.perf_counter()
-    plan = plan_merge(base, loras, dtype=dtype)
+    plan = plan_merge(base, loras, dtype=dtype, precise=precise)
     kwargs = {"max_shard_size": max_shard_size} if format == "hf" else {"parts": parts}
     writers[format](plan, out=out, overwrite=overwrite, progress=progress, check_only=True, **kwargs)
     fsutil.check_disk_space(out.parent if not out.exists() else out, plan.output_bytes + (1 << 20),
@@ -331,4 +658,5 @@ def merge(base: str | Path, loras: Sequence[str | Path], *, out: str | Path, for
                        n_tensors=len(plan.steps), n_merged=plan.n_touched, vocab_before=plan.vocab_before,
                        vocab_after=plan.vocab_after, loras=tuple(lo.name for lo in plan.loras),
                        bytes_written=sum(f.stat().st_size for f in files), seconds=time.perf_counter() - t0,
-                       warnings=plan.warnings)
+                       warnings=plan.warnings, arithmetic=plan.arithmetic,
+                       audit=plan.audit.result if plan.audit is not None else None)

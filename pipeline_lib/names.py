@@ -90,7 +90,13 @@ def rename(name: str, *, src: str = "hf", dst: str = "gguf") -> str:
 
 
 def hf_names(n_layers: int) -> list[str]:
-    """Every HF tensor name of a LLaMA model with ``n_layers`` blocks, in checkpoint order."""
+    """Every HF tensor name of a LLaMA model with ``n_layers`` blocks, in checkpoint order.
+
+    This is the release's key order: the order in which 2023 transformers' ``LlamaForCausalLM``
+    registers its parameters (``embed_tokens``; per layer q, k, v, o, gate, down, up,
+    input_layernorm, post_attention_layernorm; ``norm``; ``lm_head``), which is the order of the
+    official HF ``pytorch_model-*.bin`` shards. The rows of :data:`TENSOR_KINDS` are in that order.
+    """
     head = [k.hf for k in TENSOR_KINDS if "{bid}" not in k.hf and k.hf.startswith("model.embed")]
     blocks = [k.hf.format(bid=i) for i in range(n_layers) for k in TENSOR_KINDS if "{bid}" in k.hf]
     tail = [k.hf for k in TENSOR_KINDS if "{bid}" not in k.hf and not k.hf.startswith("model.embed")]

@@ -222,3 +222,156 @@ def write_lock(results: Iterable[Verified], path: str | os.PathLike[str]) -> Non
     data = {"version": 1, "files": [
         {**asdict(r), "path": str(r.path), "status": r.status.value} for r in results]}
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------ what was built vs the official table
+
+OFFICIAL_TABLE_ENV = "ZHLLAMA_RELEASE_TABLE"  # path of a TOML laid out like pipeline_lib/data/release_sha256.toml
+_PART_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+
+class Official(StrEnum):
+    MATCHES = "matches"
+    NO_HASH = "no official hash"
+    DIFFERS = "differs"
+
+
+@dataclass(frozen=True)
+class OfficialFile:
+    path: Path
+    sha256: str
+    status: Official
+    official_sha256: str | None
+    message: str  # "matches the official Chinese-Alpaca-Plus-7B consolidated.00.pth (8b8f6551…)"
+    causes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OfficialCheck:
+    """Each built file against the release's published SHA256 (merged_consolidated_pth, tokenizer_model)."""
+
+    model: str | None  # display name, "Chinese-Alpaca-Plus-7B"
+    files: tuple[OfficialFile, ...]
+
+    @property
+    def matches(self) -> bool:
+        """Every file with a published hash matches it, and there was at least one."""
+        checked = [f for f in self.files if f.status is not Official.NO_HASH]
+        return bool(checked) and all(f.status is Official.MATCHES for f in checked)
+
+    @property
+    def differs(self) -> tuple[OfficialFile, ...]:
+        return tuple(f for f in self.files if f.status is Official.DIFFERS)
+
+    def summary(self) -> str:
+        lines = [f"{f.path.name}: {f.message}" for f in self.files]
+        return "\n".join(lines)
+
+    def rows(self) -> list[dict]:
+        """One JSON-able dict per file (for the verify artifact and build-lock.json)."""
+        return [{"file": f.path.name, "path": str(f.path), "sha256": f.sha256, "status": f.status.value,
+                 "official_sha256": f.official_sha256, "message": f.message, "causes": list(f.causes)}
+                for f in self.files]
+
+
+def release_table(table: str | os.PathLike[str] | Mapping | None = None) -> Mapping:
+    """The official table: ``table`` (a parsed mapping or a TOML path), else ``$ZHLLAMA_RELEASE_TABLE``,
+    else the packaged ``release_sha256.toml``."""
+    import tomllib
+
+    if isinstance(table, Mapping):
+        return table
+    path = table if table is not None else os.environ.get(OFFICIAL_TABLE_ENV)
+    if path is None:
+        return catalog.release_hashes()
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the official hash table {path}: {exc}",
+                         expected="a TOML file laid out like pipeline_lib/data/release_sha256.toml",
+                         fix=f"fix or unset {OFFICIAL_TABLE_ENV}") from None
+
+
+def _input_causes(inputs: Mapping[str, Sequence[Verified]] | None) -> list[str]:
+    if inputs is None:
+        return ["the inputs' own verification was not given here: a base or LoRA that is not the release's "
+                "changes every byte"]
+    causes = []
+    for role, verified in inputs.items():
+        unofficial = [v for v in verified if v.status is not Status.OFFICIAL]
+        if unofficial:
+            what = "the base" if role == "base" else f"the {role} input"
+            causes.append(f"{what} is not the official one: {len(unofficial)} of its {len(verified)} file(s) "
+                          f"have no official hash ({unofficial[0].path.name}: {unofficial[0].status.value})")
+    return causes
+
+
+def check_official(files: Iterable[str | os.PathLike[str]], *, model: str | None,
+                   table: str | os.PathLike[str] | Mapping | None = None,
+                   digests: Mapping[Path, str] | None = None, precise: bool = False, dtype: str = "float16",
+                   inputs: Mapping[str, Sequence[Verified]] | None = None) -> OfficialCheck:
+    """Check what was built against the release's published hashes; never raises for a mismatch.
+
+    ``files``: built files or folders (every file inside). ``model``: catalog name of what was built
+    (``alpaca-plus-7b``), or None (then a file is recognised by its digest alone). ``digests``:
+    sha256 already computed (by the build), else the files are hashed here. The build's own
+    settings (``precise``, ``dtype``) and the ``inputs``' verify results (role -> Verified, e.g.
+    ``{"base": ..., "lora-0": ...}``) become the likely causes of a DIFFERS. ``table``: see
+    :func:`release_table` (tests put a built file's hash in a copy).
+    """
+    paths: list[Path] = []
+    for p in map(Path, files):
+        paths.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")) if p.is_dir()
+                     else [p])
+    known = dict(digests or {})
+    todo = [p for p in paths if p not in known]
+    known.update(sha256_files(todo) if todo else {})
+    h = release_table(table)
+    merged_table = h.get("merged_consolidated_pth", {})
+    entry = catalog.get(model) if model is not None else None
+    display = entry.display if entry is not None else None
+    merged = tuple(merged_table.get(display, ())) if display else ()
+    by_digest = {d: f"{name} consolidated.{i:02d}.pth" for name, ds in merged_table.items() for i, d in enumerate(ds)}
+    by_digest |= {d: f"Chinese-{'LLaMA' if k == 'llama' else 'Alpaca'} tokenizer.model"
+                  for k, d in h.get("tokenizer_model", {}).items()}
+    n_parts = sum(1 for p in paths if _PART_RE.match(p.name))
+
+    out = []
+    for path in paths:
+        digest = known[path]
+        official, label = None, None
+        m = _PART_RE.match(path.name)
+        if entry is not None and m and int(m.group(1)) < len(merged):
+            official, label = merged[int(m.group(1))], f"{display} {path.name}"
+        elif entry is not None and path.name == "tokenizer.model" and entry.tokenizer in h.get("tokenizer_model", {}):
+            official = h["tokenizer_model"][entry.tokenizer]
+            label = f"Chinese-{'LLaMA' if entry.tokenizer == 'llama' else 'Alpaca'} tokenizer.model"
+        elif entry is None and digest in by_digest:
+            official, label = digest, by_digest[digest]
+        if official is None:
+            where = f" for {display} {path.name}" if display and m else ""
+            if entry is None and m:
+                where = " to compare with (no model named; give the catalog model that was built)"
+            out.append(OfficialFile(path, digest, Official.NO_HASH, None, f"no official hash published{where}"))
+            continue
+        if digest == official:
+            out.append(OfficialFile(path, digest, Official.MATCHES, official,
+                                    f"matches the official {label} ({official[:8]}…)"))
+            continue
+        causes = []
+        if m:
+            if precise:
+                causes.append("built with --precise (float32 accumulate, one rounding); the release rounds to "
+                              "float16 after each LoRA: rebuild without --precise")
+            if dtype not in ("float16", "fp16", "f16"):
+                causes.append(f"built in {dtype}; the release's files are float16")
+            if n_parts != len(merged):
+                causes.append(f"built in {n_parts} part(s); the release has {len(merged)} (--parts)")
+        causes += _input_causes(inputs)
+        if not causes:
+            causes.append("official inputs, release arithmetic and layout should match: compare tensor "
+                          "fingerprints (`zhllama fingerprint`) to find the tensors that differ")
+        out.append(OfficialFile(path, digest, Official.DIFFERS, official,
+                                f"DIFFERS from the official {label} ({official[:8]}…): sha256 {digest[:8]}…; "
+                                f"likely causes: " + "; ".join(causes), tuple(causes)))
+    return OfficialCheck(model=display, files=tuple(out))

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
                    f"ggml {'|'.join(GGML_OUTTYPES)} (default f16)")
     p.add_argument("--format", choices=("gguf", "ggml"), default="gguf", help="gguf (default) or legacy ggml (ggjt v3)")
     p.add_argument("--name", default=None, help="general.name written in the GGUF (default: the folder name)")
+    p.add_argument("--precise", action="store_true",
+                   help="with --base/--lora: float32 accumulation, one rounding (PEFT's float32 merge) instead of "
+                   "the release's fp16 rounding after each LoRA")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="dtype of the merged tensors before conversion (with --base/--lora)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input)")
@@ -46,8 +49,11 @@ def _source(args: argparse.Namespace):
             raise InputError("--base and --lora go together", fix="zhllama convert --base BASE --lora LORA --out F.gguf")
         from pipeline_lib.merge import plan_merge
 
-        plan = plan_merge(args.base, args.lora, dtype=args.dtype)
+        plan = plan_merge(args.base, args.lora, dtype=args.dtype, precise=args.precise)
         return plan, plan.describe()
+    if args.precise:
+        raise InputError("--precise applies to merging while converting",
+                         fix="use it with --base/--lora, or with `zhllama merge`")
     if not args.model:
         raise InputError("no model given", fix="zhllama convert MODEL_DIR --out FILE.gguf (or --base/--lora)")
     if str(args.model).endswith(".gguf") and args.format == "gguf":
@@ -87,4 +93,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  output: {r.path} (GGUF {r.outtype}, {r.n_tensors} tensors, {r.n_params / 1e6:.1f}M parameters, "
           f"vocab {r.n_vocab}, {fsutil.human_bytes(r.file_bytes)})")
     print(f"  time:   {r.seconds:.1f} s")
+    audit = getattr(getattr(source, "audit", None), "result", None)
+    if audit is not None:
+        print(f"  {audit.summary}")
     return 0

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "download": "download",
     "merge": "merge",
     "convert": "convert",
+    "fingerprint": "fingerprint",
     "quantize": "quantize",
     "eval": "evaluate",
     "generate": "chat",

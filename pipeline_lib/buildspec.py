@@ -133,6 +133,9 @@ class BuildSpec(BaseModel):
                           description="float32 accumulation with one rounding (PEFT's float32 merge) instead of the "
                           "release's fp16 rounding after each LoRA; the merged files then differ from the official "
                           "SHA256")
+    require_official: bool = Field(False, title="Require the official hashes",
+                                   description="fail the build when a merged pth or the tokenizer differs from the "
+                                   "release's published SHA256 (else it is reported)")
     name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", title="Build name",
                              description="name of a custom build (files and folder are named after it)")
 

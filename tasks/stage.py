@@ -176,10 +176,22 @@ def post_artifacts(plan, refs: dict[str, dict[str, Any]], stages: list[dict[str,
     create_table_artifact(key=f"{slug}-stages", table=stages, description=f"{name}: stages (cached or computed)")
     if "verify" in refs:
         rows = json.loads((entry_of(store, refs["verify"]).path / "verify.json").read_text(encoding="utf-8"))["files"]
-        create_table_artifact(key=f"{slug}-verify", table=[
-            {"role": r["role"], "file": r["file"], "size": human_bytes(r["size"]), "status": r["status"],
-             "against": r["against"], "sha256": r["sha256"]} for r in rows],
-            description=f"{name}: SHA256 verification (full digests; also in build-lock.json)")
+        table = [{"role": r["role"], "file": r["file"], "size": human_bytes(r["size"]), "status": r["status"],
+                  "against": r["against"], "sha256": r["sha256"]} for r in rows]
+        if "official" in refs:  # what was built, against the release's published merged/tokenizer hashes
+            official = json.loads((entry_of(store, refs["official"]).path / "official.json").read_text(encoding="utf-8"))
+            table += [{"role": "built", "file": r["file"], "size": "", "status": r["status"], "against": r["message"],
+                       "sha256": r["sha256"]} for r in official["files"]]
+        create_table_artifact(key=f"{slug}-verify", table=table,
+                              description=f"{name}: SHA256 of every input and of what was built against the official "
+                                          "table (full digests; also in build-lock.json)")
+    audits = [(node_id, entry_of(store, ref)) for node_id, ref in refs.items() if ref["stage"] in ("merge", "gguf")]
+    audits = [(node_id, json.loads((e.path / "audit.json").read_text(encoding="utf-8")))
+              for node_id, e in audits if "audit.json" in e.outputs]
+    if audits:  # the release's post-merge check, extended: what each LoRA changed, finiteness
+        create_table_artifact(key=f"{slug}-audit", table=[{"output": node_id, **row} for node_id, a in audits
+                                                          for row in a["rows"]],
+                              description=f"{name}: post-merge audit. " + audits[0][1]["summary"])
     if "tokenizer" in refs:
         check = json.loads((entry_of(store, refs["tokenizer"]).path / "check.json").read_text(encoding="utf-8"))
         create_table_artifact(key=f"{slug}-tokenizer", table=check["loras"] or [{"status": "no LoRA tokenizers"}],

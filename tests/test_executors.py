@@ -85,12 +85,17 @@ def test_both_executors_give_the_same_keys_and_files(release, prefect_server, mo
         assert all(store.get(s.key) is not None for s in result.stages)
     published = {name: _files(r.out_dir) for name, r in results.items()}
     assert published["plain"] == published["prefect"]
-    assert {p.name for p in plain.published} == {p.name for p in prefect.published}
-    expect = {"tokenizer"} | {f for f in ("hf", "pth") if f in outputs}
+    rel = {name: {p.relative_to(r.out_dir).as_posix() for p in r.published} for name, r in results.items()}
+    assert rel["plain"] == rel["prefect"]
+    expect = {"tokenizer", "official.json"} | {f for f in ("hf", "pth") if f in outputs}
+    expect |= {f"fingerprints/{f}.json" for f in ("hf", "pth", "gguf") if f in outputs}
     if "gguf" in outputs:
         expect |= {"parity-f16.gguf", "parity-q4_0.gguf"} | ({"report"} if evaluation else set())
     if "ggml" in outputs:
         expect |= {"parity-ggml-q4_0.bin"}
-    assert {p.name for p in plain.published} == expect | {"build-lock.json"}
+    assert rel["plain"] == expect | {"build-lock.json"}
+    # one model, one fingerprint: the HF folder, the pth folder and the GGUF hold the same tensors
+    digests = {json.loads((plain.out_dir / f).read_text())["digest"] for f in rel["plain"] if f.startswith("fingerprints/")}
+    assert len(digests) <= 1, digests
     if evaluation:  # the float reference is evaluated once, by its own node, whatever the variants
         assert [s.stage for s in plain.stages].count("evaluate-reference") == 1

@@ -132,8 +132,8 @@ def test_demo_flow_then_all_cache_hits_and_damage_is_rebuilt(prefect_server, tmp
     r1 = first.result()
     labels = [s.label for s in r1.stages]
     assert labels[:4] == ["download base", "download lora-0", "download lora-1", "download chinese_sp"]
-    assert {"verify", "tokenizer", "gguf f16", "quantize q4_0", "quantize q8_0", "evaluate f16 (reference)",
-            "evaluate q4_0", "evaluate q8_0", "report"} == set(labels[4:])
+    assert {"verify", "tokenizer", "official sha256", "gguf f16", "fingerprint gguf", "quantize q4_0", "quantize q8_0",
+            "evaluate f16 (reference)", "evaluate q4_0", "evaluate q8_0", "report"} == set(labels[4:])
     assert not any(s.cached for s in r1.stages)
     for name in ("tiny-demo-f16.gguf", "tiny-demo-q4_0.gguf", "tiny-demo-q8_0.gguf", "build-lock.json",
                  "report/report.md", "report/report.png", "tokenizer/tokenizer.model"):

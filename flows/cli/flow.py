@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the merged weights (default float16)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation stages")
+    p.add_argument("--precise", action="store_true", help="float32 merge arithmetic with one rounding (PEFT's) "
+                   "instead of the release's; the merged files then cannot match the official SHA256")
+    p.add_argument("--require-official", action="store_true", help="fail when a merged pth or the tokenizer "
+                   "differs from the release's published SHA256 (add --output pth to check the merged weights)")
     p.add_argument("--out", metavar="DIR", help="publish the results here (default: $ZHLLAMA_HOME/builds/MODEL)")
     p.add_argument("--no-prefect", action="store_true", help="run the stages with the plain executor, without Prefect")
     p.add_argument("--plan", action="store_true", help="print the stage graph (sources, stages, inputs, outputs) "
@@ -78,8 +82,38 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------ builds in this process
 
 
+def _stage_file(result, stage: str, name: str) -> Any:
+    """The JSON file ``name`` of the first stage ``stage`` of a build, or None."""
+    from pipeline_lib.store import Store
+
+    for run in result.stages:
+        entry = Store().get(run.key) if run.stage == stage else None
+        if entry is not None and name in entry.outputs:
+            return json.loads((entry.path / name).read_text(encoding="utf-8"))
+    return None
+
+
+def _official_lines(result) -> list[str]:
+    """The post-merge audit line and what the official-hash check said about the build."""
+    lines = []
+    audit = _stage_file(result, "merge", "audit.json") or _stage_file(result, "gguf", "audit.json")
+    if audit is not None:
+        lines.append(f"  {audit['summary']}")
+    doc = _stage_file(result, "official", "official.json")
+    if doc is not None:
+        lines += [f"  {row['file']}: {row['message']}" for row in doc["files"]]
+        if not doc["pth_built"]:
+            lines.append("  merged weights: not checked (add --output pth to compare the merged consolidated.NN.pth "
+                         "with the release's published SHA256)")
+    return lines
+
+
 def _summary(result) -> bool:
-    """The cache summary and the output folder; True when every stage was a cache hit."""
+    """The official check, the cache summary and the output folder; True when every stage was a cache hit."""
+    official = _official_lines(result)
+    if official:
+        print("checks:")
+        print("\n".join(official))
     rows = result.stages
     hits = sum(r.cached for r in rows)
     if rows and hits == len(rows):
@@ -114,6 +148,9 @@ def _spec_from(model: str, args: argparse.Namespace, *, base: dict | None = None
             data[key] = getattr(args, opt)
     if getattr(args, "no_eval", False):
         data["evaluation"] = {**data.get("evaluation", {}), "enabled": False}
+    for flag in ("precise", "require_official"):
+        if getattr(args, flag, False):
+            data[flag] = True
     try:
         return BuildSpec.model_validate(data)
     except ValidationError as exc:

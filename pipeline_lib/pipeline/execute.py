@@ -64,25 +64,33 @@ def prepared_inputs(plan: BuildPlan, nodes: tuple[StageNode, ...]) -> dict[str, 
     return out
 
 
-def build_lock(plan: BuildPlan, downloads: Mapping[str, Entry], prepared: Mapping[str, Mapping[str, Any]]) -> dict:
-    """``build-lock.json``: sources, what they resolved to, and the digest of every file used."""
-    return {
+def build_lock(plan: BuildPlan, nodes: tuple[StageNode, ...], entries: Mapping[str, Entry],
+               prepared: Mapping[str, Mapping[str, Any]]) -> dict:
+    """``build-lock.json``: sources, what they resolved to, the digest of every file used, the
+    official-hash result and the tensor fingerprint of every float output."""
+    lock: dict[str, Any] = {
         "model": plan.name, "display": plan.display, "zhllama": __version__,
         "spec": json.loads(plan.spec.model_dump_json()),
         "sources": [{**ref.to_json(), "fingerprint": prepared.get(f"download:{ref.role}", {}).get("fingerprint"),
-                     "files": {rel: o.sha256 for rel, o in downloads[ref.role].outputs.items()}}
+                     "files": {rel: o.sha256 for rel, o in entries[f"download:{ref.role}"].outputs.items()}}
                     for ref in plan.sources],
     }
+    for node in nodes:
+        entry = entries[node.id]
+        if node.stage == "official":
+            lock["official"] = json.loads((entry.path / "official.json").read_text(encoding="utf-8"))
+        elif node.stage == "fingerprint":
+            lock.setdefault("fingerprints", {})[node.params["output"]] = entry.meta.get("digest")
+    return lock
 
 
 def publish_build(plan: BuildPlan, nodes: tuple[StageNode, ...], entries: Mapping[str, Entry],
                   prepared: Mapping[str, Mapping[str, Any]]) -> tuple[Path, ...]:
     """Publish every node that has a publish name, plus the build lock, into the plan's output folder
     (the entries are held meanwhile, so `cache gc` cannot take one away mid-copy)."""
-    downloads = {ref.role: entries[f"download:{ref.role}"] for ref in plan.sources}
     published = {n.publish: entries[n.id] for n in nodes if n.publish}
     with Store(plan.store_root).hold(*published.values()):
-        return publish(published, plan.out_dir, lock=build_lock(plan, downloads, prepared))
+        return publish(published, plan.out_dir, lock=build_lock(plan, nodes, entries, prepared))
 
 
 def run_build(spec: BuildSpec, *, store: Store | None = None, reporter: Reporter | None = None) -> BuildResult:

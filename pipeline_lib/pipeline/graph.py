@@ -82,16 +82,30 @@ def build_graph(plan: BuildPlan) -> tuple[StageNode, ...]:
                               publish="tokenizer/"))
     weights = {"base": downloads["base"], "loras": loras, "tokenizer": tokenizer}
     merged = {fmt: add(StageNode(f"merge:{fmt}", "merge", f"merge {fmt}", deps=weights,
-                                 params={"format": fmt, "dtype": spec.dtype}, publish=f"{fmt}/"))
+                                 params={"format": fmt, "dtype": spec.dtype, "precise": spec.precise},
+                                 publish=f"{fmt}/"))
               for fmt in ("hf", "pth") if fmt in spec.outputs}
+    official_deps: dict[str, Any] = {"verified": verify, "tokenizer": tokenizer}
+    if "pth" in merged:
+        official_deps["pth"] = merged["pth"]
+    add(StageNode("official", "official", "official sha256", deps=official_deps,
+                  params={"model": plan.catalog_model, "precise": spec.precise, "dtype": spec.dtype,
+                          "require": spec.require_official}, publish="official.json"))
+    for fmt, node_id in merged.items():
+        add(StageNode(f"fingerprint:{fmt}", "fingerprint", f"fingerprint {fmt}", deps={"output": node_id},
+                      params={"output": fmt}, publish=f"fingerprints/{fmt}.json"))
     if not {"gguf", "ggml"} & set(spec.outputs):
         return tuple(nodes)
 
     f16_file = f"{name}-{spec.outtype}.gguf"
     gguf_deps = {"merged": merged["hf"]} if "hf" in merged else weights
     f16 = add(StageNode(f"gguf:{spec.outtype}", "gguf", f"gguf {spec.outtype}", deps=gguf_deps,
-                        params={"outtype": spec.outtype, "dtype": spec.dtype, "file": f16_file, "name": name},
+                        params={"outtype": spec.outtype, "dtype": spec.dtype, "file": f16_file, "name": name,
+                                "precise": spec.precise},
                         publish=f16_file if "gguf" in spec.outputs else None))
+    if "gguf" in spec.outputs:
+        add(StageNode("fingerprint:gguf", "fingerprint", "fingerprint gguf", deps={"output": f16},
+                      params={"output": "gguf"}, publish="fingerprints/gguf.json"))
     quants: dict[str, str] = {}
     if "gguf" in spec.outputs:
         for q in spec.quant_types:

@@ -266,20 +266,31 @@ def _weights_inputs(args: Mapping[str, Any]) -> dict[str, str]:
 
 
 def merge_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
-    """The merged checkpoint (HF safetensors or Meta pth), LoRA after LoRA, streamed."""
+    """The merged checkpoint (HF safetensors or Meta pth), LoRA after LoRA, streamed; with its audit."""
     base, loras = args["base"], args["loras"]
-    fmt, dtype = node.params["format"], node.params["dtype"]
+    fmt, dtype, precise = node.params["format"], node.params["dtype"], node.params["precise"]
 
     def produce(tmp: Path) -> dict:
         from ..merge import merge
 
         total = base.size * (2 if dtype == "float32" else 1)  # about one base's worth of bytes is written
-        result = merge(base.path, [e.path for e in loras], out=tmp / fmt, format=fmt, dtype=dtype,
+        result = merge(base.path, [e.path for e in loras], out=tmp / fmt, format=fmt, dtype=dtype, precise=precise,
                        progress=_bytes_progress(total, node.label))
-        return {"result": summary(result)}
+        _write_audit(tmp, result.audit)
+        return {"arithmetic": result.arithmetic, "audit": result.audit.summary if result.audit else None,
+                "result": summary(result)}
 
-    return StageRequest("merge", inputs=_weights_inputs(args), params={"format": fmt, "dtype": dtype},
+    return StageRequest("merge", inputs=_weights_inputs(args), params={"format": fmt, "dtype": dtype,
+                                                                       "precise": precise},
                         produce=produce, label=node.label)
+
+
+def _write_audit(folder: Path, audit: Any) -> None:
+    """audit.json beside a merged output: the release's post-merge check, extended (merge.AuditResult)."""
+    if audit is not None:
+        write_text_atomic(folder / "audit.json", json.dumps(
+            {"summary": audit.summary, "ok": audit.ok, "tensors_checked": audit.tensors_checked,
+             "rows": list(audit.rows)}, indent=2, ensure_ascii=False) + "\n")
 
 
 def gguf_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
@@ -290,21 +301,86 @@ def gguf_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
     def produce(tmp: Path) -> dict:
         from ..gguf_export import convert
 
+        plan = None
         if merged is not None:
             source: Any = merged.path / "hf"
             total = merged.size
         else:
             from ..merge import plan_merge
 
-            source = plan_merge(args["base"].path, [e.path for e in args["loras"]], dtype=p["dtype"])
+            source = plan = plan_merge(args["base"].path, [e.path for e in args["loras"]], dtype=p["dtype"],
+                                       precise=p["precise"])
             total = args["base"].size
         result = convert(source, out=tmp / p["file"], outtype=p["outtype"], name=p["name"],
                          on_progress=_bytes_progress(total * (2 if p["outtype"] == "f32" else 1), node.label))
+        if plan is not None and plan.audit is not None:
+            _write_audit(tmp, plan.audit.result)
         return {"file": p["file"], "one_pass": merged is None, "result": summary(result)}
 
     inputs = {"merged": digest(merged)} if merged is not None else _weights_inputs(args)
-    return StageRequest("gguf", inputs=inputs, params={"outtype": p["outtype"], "dtype": p["dtype"], "file": p["file"]},
+    params = {"outtype": p["outtype"], "dtype": p["dtype"], "file": p["file"]}
+    if merged is None:
+        params["precise"] = p["precise"]  # from a checkpoint, the arithmetic is the checkpoint's
+    return StageRequest("gguf", inputs=inputs, params=params, produce=produce, label=node.label)
+
+
+def fingerprint_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """Per-tensor sha256 of a float output (HF folder, pth folder or float GGUF), keyed by GGUF name."""
+    output, what = args["output"], node.params["output"]
+
+    def produce(tmp: Path) -> dict:
+        from ..fingerprint import fingerprint
+
+        target = gguf_file(output) if what == "gguf" else output.path / what
+        fp = fingerprint(target)
+        fp.write(tmp / "fingerprint.json")
+        return {"digest": fp.digest, "tensors": len(fp.tensors)}
+
+    return StageRequest("fingerprint", inputs={"output": digest(output)}, params={"output": what},
                         produce=produce, label=node.label)
+
+
+def _prepare_official(node: StageNode, plan: BuildPlan) -> dict[str, Any]:
+    """The official table in force now (the packaged one, or $ZHLLAMA_RELEASE_TABLE): part of the key."""
+    from ..verify import release_table
+
+    return {"table": sha256_bytes(canonical_json(release_table()).encode())}
+
+
+def official_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """What was built against the release's published SHA256 (merged pth parts, tokenizer.model)."""
+    from ..errors import IntegrityError
+    from ..verify import Status, Verified
+
+    p = node.params
+    built: Sequence[Entry] = [args["tokenizer"], *([args["pth"]] if "pth" in args else [])]
+
+    def produce(tmp: Path) -> dict:
+        from ..verify import check_official
+
+        rows = json.loads((args["verified"].path / "verify.json").read_text(encoding="utf-8"))["files"]
+        inputs: dict[str, list[Verified]] = {}
+        for r in rows:
+            inputs.setdefault(r["role"], []).append(Verified(Path(r["file"]), r["sha256"], r["size"],
+                                                             Status(r["status"]), r["against"]))
+        files = {e.path / rel: o.sha256 for e, want in zip(built, ("tokenizer/tokenizer.model", ".pth"), strict=False)
+                 for rel, o in e.outputs.items() if rel.endswith(want)}
+        check = check_official(list(files), model=p["model"], digests=files, precise=p["precise"], dtype=p["dtype"],
+                               inputs=inputs)
+        result = {"model": check.model, "matches": check.matches, "pth_built": "pth" in args, "files": check.rows()}
+        for row in result["files"]:
+            row.pop("path", None)  # a store path: meaningless outside this machine
+            if p["model"] is None and row["status"] == "no official hash":
+                row["message"] = "no official hash published (this build is not one of the release's models)"
+        write_text_atomic(tmp / "official.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        if p["require"] and check.differs:
+            raise IntegrityError("; ".join(f"{f.path.name}: {f.message}" for f in check.differs),
+                                 expected="files identical to the release's (--require-official)",
+                                 fix="see the likely causes above; drop --require-official to keep the build anyway")
+        return {"matches": check.matches, "differs": len(check.differs)}
+
+    return StageRequest("official", inputs={"verified": digest(args["verified"]), "table": args["table"]} | {
+        f"built-{i}": digest(e) for i, e in enumerate(built)}, params=dict(p), produce=produce, label=node.label)
 
 
 def quantize_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
@@ -411,8 +487,11 @@ STAGES: dict[str, StageDef] = {
                          retries=2, prepare=_prepare_download),
     "verify": StageDef("1", verify_request, "SHA256 of every input against the official table"),
     "tokenizer": StageDef("2", tokenizer_request, "merge LLaMA + chinese_sp tokenizers, check each LoRA's"),
-    "merge": StageDef("1", merge_request, "merged HF/pth checkpoint", heavy=True),
-    "gguf": StageDef("1", gguf_request, "float GGUF (one pass from the merge without a checkpoint)", heavy=True),
+    "merge": StageDef("2", merge_request, "merged HF/pth checkpoint (release arithmetic), with its audit", heavy=True),
+    "gguf": StageDef("2", gguf_request, "float GGUF (one pass from the merge without a checkpoint)", heavy=True),
+    "fingerprint": StageDef("1", fingerprint_request, "per-tensor sha256 of a float output"),
+    "official": StageDef("1", official_request, "the built pth and tokenizer against the release's SHA256",
+                         prepare=_prepare_official),
     "quantize": StageDef("1", quantize_request, "one llama.cpp quantization", heavy=True),
     "ggml": StageDef("1", ggml_request, "legacy GGML file for 2023 tools", heavy=True),
     "evaluate-reference": StageDef("1", evaluate_reference_request, "the float model's evaluation (the KL reference)",

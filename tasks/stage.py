@@ -185,9 +185,9 @@ def post_artifacts(plan, refs: dict[str, dict[str, Any]], stages: list[dict[str,
         create_table_artifact(key=f"{slug}-verify", table=table,
                               description=f"{name}: SHA256 of every input and of what was built against the official "
                                           "table (full digests; also in build-lock.json)")
-    audits = [(node_id, entry_of(store, ref)) for node_id, ref in refs.items() if ref["stage"] in ("merge", "gguf")]
-    audits = [(node_id, json.loads((e.path / "audit.json").read_text(encoding="utf-8")))
-              for node_id, e in audits if "audit.json" in e.outputs]
+    audits = [(node_id, entry_of(store, ref).meta.get("audit")) for node_id, ref in refs.items()
+              if ref["stage"] in ("merge", "gguf")]
+    audits = [(node_id, a) for node_id, a in audits if a]
     if audits:  # the release's post-merge check, extended: what each LoRA changed, finiteness
         create_table_artifact(key=f"{slug}-audit", table=[{"output": node_id, **row} for node_id, a in audits
                                                           for row in a["rows"]],

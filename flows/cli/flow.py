@@ -83,12 +83,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _stage_file(result, stage: str, name: str) -> Any:
-    """The JSON file ``name`` of the first stage ``stage`` of a build, or None."""
+    """The JSON file ``name`` (or, for ``meta:KEY``, that manifest meta value) of the first stage
+    ``stage`` of a build that has it, or None."""
     from pipeline_lib.store import Store
 
     for run in result.stages:
         entry = Store().get(run.key) if run.stage == stage else None
-        if entry is not None and name in entry.outputs:
+        if entry is None:
+            continue
+        if name.startswith("meta:") and entry.meta.get(name[5:]):
+            return entry.meta[name[5:]]
+        if name in entry.outputs:
             return json.loads((entry.path / name).read_text(encoding="utf-8"))
     return None
 
@@ -96,7 +101,7 @@ def _stage_file(result, stage: str, name: str) -> Any:
 def _official_lines(result) -> list[str]:
     """The post-merge audit line and what the official-hash check said about the build."""
     lines = []
-    audit = _stage_file(result, "merge", "audit.json") or _stage_file(result, "gguf", "audit.json")
+    audit = _stage_file(result, "merge", "meta:audit") or _stage_file(result, "gguf", "meta:audit")
     if audit is not None:
         lines.append(f"  {audit['summary']}")
     doc = _stage_file(result, "official", "official.json")

@@ -276,21 +276,20 @@ def merge_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
         total = base.size * (2 if dtype == "float32" else 1)  # about one base's worth of bytes is written
         result = merge(base.path, [e.path for e in loras], out=tmp / fmt, format=fmt, dtype=dtype, precise=precise,
                        progress=_bytes_progress(total, node.label))
-        _write_audit(tmp, result.audit)
-        return {"arithmetic": result.arithmetic, "audit": result.audit.summary if result.audit else None,
-                "result": summary(result)}
+        return {"arithmetic": result.arithmetic, "audit": _audit(result.audit), "result": summary(result)}
 
     return StageRequest("merge", inputs=_weights_inputs(args), params={"format": fmt, "dtype": dtype,
                                                                        "precise": precise},
                         produce=produce, label=node.label)
 
 
-def _write_audit(folder: Path, audit: Any) -> None:
-    """audit.json beside a merged output: the release's post-merge check, extended (merge.AuditResult)."""
-    if audit is not None:
-        write_text_atomic(folder / "audit.json", json.dumps(
-            {"summary": audit.summary, "ok": audit.ok, "tensors_checked": audit.tensors_checked,
-             "rows": list(audit.rows)}, indent=2, ensure_ascii=False) + "\n")
+def _audit(audit: Any) -> dict | None:
+    """The post-merge audit (merge.AuditResult) for the entry's manifest meta: metadata, not an output,
+    so a one-pass GGUF keeps the content digest of the same GGUF converted from a checkpoint."""
+    if audit is None:
+        return None
+    return {"summary": audit.summary, "ok": audit.ok, "tensors_checked": audit.tensors_checked,
+            "rows": list(audit.rows)}
 
 
 def gguf_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
@@ -313,9 +312,8 @@ def gguf_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
             total = args["base"].size
         result = convert(source, out=tmp / p["file"], outtype=p["outtype"], name=p["name"],
                          on_progress=_bytes_progress(total * (2 if p["outtype"] == "f32" else 1), node.label))
-        if plan is not None and plan.audit is not None:
-            _write_audit(tmp, plan.audit.result)
-        return {"file": p["file"], "one_pass": merged is None, "result": summary(result)}
+        return {"file": p["file"], "one_pass": merged is None, "result": summary(result),
+                "audit": _audit(plan.audit.result) if plan is not None and plan.audit is not None else None}
 
     inputs = {"merged": digest(merged)} if merged is not None else _weights_inputs(args)
     params = {"outtype": p["outtype"], "dtype": p["dtype"], "file": p["file"]}

@@ -1128,6 +1128,7 @@ def reference_pass(
     speed_gen: int = DEFAULT_SPEED_GEN,
     seed: int = 0,
     title: str | None = None,
+    plot: bool = True,
 ) -> ReferenceResult:
     """Evaluate the float reference (the f16 GGUF) once and store what every variant's KL needs.
 
@@ -1135,8 +1136,9 @@ def reference_pass(
     samples, memory, and the tokenizer rows), ``ref-logprobs.npy`` + ``ref-positions.npz`` (its
     predictions in the compact form, ``reference_bytes(chunks, n_ctx, vocab)`` bytes), ``ref-text.txt``
     and ``reference.json`` (written last). ``n_ctx`` None = DEFAULT_N_CTX; ``n_chunks`` None =
-    DEFAULT_N_CHUNKS, 0 = every chunk the text holds. Every input is read and checked, and the disk
-    space for the stored predictions checked, before the model is loaded.
+    DEFAULT_N_CHUNKS, 0 = every chunk the text holds. ``plot=False`` leaves report.png out (a report
+    that ``combine_reports`` + ``write_report`` will plot). Every input is read and checked, and the
+    disk space for the stored predictions checked, before the model is loaded.
     """
     out = Path(out)
     n_ctx = n_ctx or DEFAULT_N_CTX
@@ -1170,7 +1172,7 @@ def reference_pass(
     report = Report(out=out, json_path=out / "report.json", md_path=out / "report.md", plot_path=out / "report.png",
                     variants=(row,), reference=name, text=inputs.text_info(len(prep.tokens)),
                     tokenizers=inputs.tokenizer_rows + (prep.vocab_row,), settings=settings)
-    write_report(report)
+    write_report(report, plot=plot)
     meta = {
         "format": REFERENCE_FORMAT, "version": REFERENCE_VERSION, "name": name, "model": asdict(facts),
         "text": {"source": inputs.text_label, "chars": len(inputs.text), "sha256": inputs.text_sha256},
@@ -1223,6 +1225,7 @@ def evaluate(
     seed: int = 0,
     threads: int | None = None,
     title: str | None = None,
+    plot: bool = True,
 ) -> Report:
     """Evaluate one GGUF into a report under ``out``: perplexity, speed, samples, memory and, against
     ``reference``, KL / top-1 agreement / PPL ratio.
@@ -1235,9 +1238,9 @@ def evaluate(
     ``out/reference`` (one reference pass per call; pass the folder to reuse it).
     ``name`` defaults to the GGUF's file type ("q4_0"). ``prompts=False`` skips generation samples;
     ``samples_per_category``/``max_samples`` 0 = no limit; ``n_chunks`` 0 = every chunk of the text.
-    ``template`` overrides the automatic choice (alpaca if the vocabulary holds [PAD], else plain).
-    Every input is read and checked (the text tokenized with the model's vocabulary) before the
-    model's weights are loaded; the report files are written atomically.
+    ``template`` overrides the automatic choice (alpaca if the vocabulary holds [PAD], else plain);
+    ``plot=False`` leaves report.png out. Every input is read and checked (the text tokenized with the
+    model's vocabulary) before the model's weights are loaded; the report files are written atomically.
     """
     options = dict(text=text, prompts=prompts, template=template, n_ctx=n_ctx, n_chunks=n_chunks, gen_ctx=gen_ctx,
                    samples_per_category=samples_per_category, max_samples=max_samples, max_tokens=max_tokens,
@@ -1260,7 +1263,7 @@ def evaluate(
         if _same_file(model_gguf, ref.model.path) and facts.file_size == ref.model.file_size:
             check_disk_space(out, 1_000_000, what="the evaluation report")
             report = _relocate(ref.report, out)  # the reference itself: nothing to recompute
-            write_report(report)
+            write_report(report, plot=plot)
             return report
         _check_vocab(name, facts.vocab_size, ref.n_vocab)
         if name == ref.name:
@@ -1288,7 +1291,7 @@ def evaluate(
     report = Report(out=out, json_path=out / "report.json", md_path=out / "report.md", plot_path=out / "report.png",
                     variants=variants, reference=ref.name if ref is not None else None,
                     text=inputs.text_info(len(prep.tokens)), tokenizers=tok_rows, settings=settings)
-    write_report(report)
+    write_report(report, plot=plot)
     return report
 
 
@@ -1381,12 +1384,12 @@ def evaluate_variants(
                   speed_prompt=speed_prompt, speed_gen=speed_gen, seed=seed, threads=threads)
     if ref_gguf is not None:
         stored = reference_pass(ref_gguf, out=out / "reference", name=ref_name, text=text, n_ctx=ctx,
-                                n_chunks=n_chunks, **common)
+                                n_chunks=n_chunks, plot=False, **common)
         n_ctx, n_chunks = None, None  # from the reference from now on
     paths = [stored.report.json_path] if stored is not None else []
     for n, p in todo.items():
         paths.append(evaluate(p, out=out / "variants" / n, reference=stored, name=n, text=text, n_ctx=n_ctx,
-                              n_chunks=n_chunks, **common).json_path)
+                              n_chunks=n_chunks, plot=False, **common).json_path)
     report = combine_reports(paths, out=out, title=title)
     write_report(report)
     return report
@@ -1451,11 +1454,15 @@ def _default_title(results: Sequence[VariantReport]) -> str:
 # ------------------------------------------------------------------ report files
 
 
-def write_report(report: Report) -> None:
-    """report.png, then report.md, then report.json (last: its presence means the report is complete)."""
+def write_report(report: Report, *, plot: bool = True) -> None:
+    """report.png (unless ``plot`` is false: an intermediate report that a combined one will plot), then
+    report.md, then report.json (last: its presence means the report is complete)."""
     report.out.mkdir(parents=True, exist_ok=True)
-    render_plot(report, report.plot_path)
-    write_text_atomic(report.md_path, render_markdown(report))
+    if plot:
+        render_plot(report, report.plot_path)
+    else:
+        report.plot_path.unlink(missing_ok=True)
+    write_text_atomic(report.md_path, render_markdown(report, plot=plot))
     write_text_atomic(report.json_path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
 
@@ -1508,7 +1515,7 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 
 
-def render_markdown(report: Report) -> str:
+def render_markdown(report: Report, *, plot: bool = True) -> str:
     s = report.settings
     lines = [f"# {s.get('title', 'zhllama eval')}", ""]
     chunks = s.get("n_chunks")
@@ -1538,7 +1545,7 @@ def render_markdown(report: Report) -> str:
             ratio = kld = top = dp = "–"
         lines.append(f"| {v.name} | {human_bytes(v.model.file_size)} | {v.model.bits_per_weight:.2f} | {ppl} | "
                      f"{ratio} | {kld} | {top} | {dp} |")
-    lines += ["", f"![size vs perplexity and KL]({report.plot_path.name})", ""]
+    lines += ["", f"![size vs perplexity and KL]({report.plot_path.name})", ""] if plot else [""]
     if any(v.speed for v in report.variants):
         lines += ["## Speed", "", "| variant | prompt tokens/s | generation tokens/s | threads |", "|---|---:|---:|---:|"]
         for v in report.variants:

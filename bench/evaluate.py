@@ -18,11 +18,12 @@ reference pass once, both quants against its stored predictions) and the way the
 before the reference was its own node (each variant against the f16 GGUF: the reference pass
 again for every variant).
 
-``--mode estimate``: the LLaMA-7B shape (hidden 4096, ffn 11008, 32 heads) with 1 and 2 layers,
-random weights, f16/q8_0/q4_0; per layer, the cost of a 512-token perplexity batch, of a 64-token
-prompt batch and of one generated token; then the time of a 7B evaluation with the defaults, phase
-by phase (32 layers + the output layer, counted as the layers' cost per multiply-add; the load as
-a cold read at ``--disk-mb-s``).
+``--mode estimate``: the LLaMA-7B shape (hidden 4096, ffn 11008, 32 heads) with 2 layers, random
+weights, f16/q8_0/q4_0: the cost of a 512-token perplexity batch, of a 64-token prompt batch and of
+one generated token, scaled to 32 layers + the output layer (counted at the layers' cost per
+multiply-add); then the time of a 7B evaluation with the defaults, phase by phase (the load as a
+cold read at ``--disk-mb-s``). One thread and CPU seconds by default: an upper bound for two cores
+that holds on a busy machine.
 
 Each route runs in its own process; wall time (model load included) and peak RSS (wait4) are per
 route; routes alternate and the fastest of ``--repeat`` runs is kept (the machine is shared).
@@ -217,107 +218,113 @@ def decode(n, start=0, logits_from=None):
         batch.token[k], batch.pos[k], batch.n_seq_id[k] = toks[(start + k) % 512], start + k, 1
         batch.seq_id[k][0] = 0
         batch.logits[k] = (k >= logits_from) if logits_from is not None else (k == n - 1)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     assert lc.llama_decode(ctx, batch) == 0
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 res = {}
 for name, n, lf in (("pp512", 512, 256), ("pp64", 64, None)):
-    best = float("inf")
+    runs = []
     for _ in range(2):  # the first run pages the weights in
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-        best = min(best, decode(n, logits_from=lf))
-    res[name] = best
+        runs.append(decode(n, logits_from=lf))
+    res[name], res[name + "_cpu"] = runs[-1]
 lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
 decode(64)
-tg = [decode(1, start=64 + i) for i in range(8)]
-res["tg"] = sorted(tg)[len(tg) // 2]
+tg = sorted(decode(1, start=64 + i) for i in range(8))
+res["tg"], res["tg_cpu"] = tg[len(tg) // 2]
 print(json.dumps(res))
 """
 
 
-def layer_models(work: Path) -> dict[int, dict[str, Path]]:
-    """1- and 2-layer models of the 7B shape, f16/q8_0/q4_0, built once into ``work``."""
+def layer_models(work: Path, layers: int = 2) -> dict[str, Path]:
+    """A ``layers``-layer model of the 7B shape, f16/q8_0/q4_0, built once into ``work``."""
     from pipeline_lib.quantize import quantize
 
-    out: dict[int, dict[str, Path]] = {}
-    for layers in (1, 2):
-        folder = work / f"7b-shape-{layers}-layer"
-        f16 = folder / "bench-f16.gguf"
-        if not f16.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            build_model(folder, SHAPE_7B["hidden"], layers, ffn=SHAPE_7B["ffn"], heads=SHAPE_7B["heads"], ctx=2048)
-        files = {"f16": f16}
-        for q in ("q8_0", "q4_0"):
-            p = folder / f"bench.{q}.gguf"
-            if not p.is_file():
-                res = quantize(f16, qtypes=[q], out_dir=folder)
-                Path(res.outputs[0].path).rename(p)
-            files[q] = p
-        out[layers] = files
-    return out
+    folder = work / f"7b-shape-{layers}-layer"
+    f16 = folder / "bench-f16.gguf"
+    if not f16.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        build_model(folder, SHAPE_7B["hidden"], layers, ffn=SHAPE_7B["ffn"], heads=SHAPE_7B["heads"], ctx=2048)
+    files = {"f16": f16}
+    for q in ("q8_0", "q4_0"):
+        p = folder / f"bench.{q}.gguf"
+        if not p.is_file():
+            res = quantize(f16, qtypes=[q], out_dir=folder)
+            Path(res.outputs[0].path).rename(p)
+        files[q] = p
+    return files
 
 
 def estimate_mode(args) -> int:
-    from pipeline_lib import chat
+    """Scale the 2-layer model's decode costs to 32 layers + the output layer. With one thread the
+    CPU seconds are used: they are what the work costs whatever else the machine runs (on a quiet
+    machine, wall = CPU), and the second core only makes a 7B faster than this."""
     from pipeline_lib import evaluate as ev
 
-    threads = args.threads or chat.physical_cores()
+    threads = args.threads or 1
     work = Path(args.work or tempfile.mkdtemp(prefix="zhllama-bench-7b-"))
-    models = layer_models(work)
-    costs: dict[str, dict[int, dict[str, float]]] = {}
+    layers = 2
+    models = layer_models(work, layers)
+    key = "_cpu" if threads == 1 else ""
+    costs: dict[str, dict[str, float]] = {}
     load = []
     for _ in range(args.repeat):
         load.append(os.getloadavg()[0])
         for q in ("f16", "q8_0", "q4_0"):
-            for layers in (1, 2):
-                _, _, res = measure([sys.executable, "-c", COST_CHILD, str(models[layers][q]), str(threads)])
-                best = costs.setdefault(q, {}).setdefault(layers, {})
-                for k in ("pp512", "pp64", "tg"):
-                    best[k] = min(best.get(k, math.inf), res[k])
+            _, _, res = measure([sys.executable, "-c", COST_CHILD, str(models[q]), str(threads)])
+            best = costs.setdefault(q, {})
+            for k in ("pp512", "pp64", "tg"):
+                best[k] = min(best.get(k, math.inf), res[k + key])
     h, f, v, n_layers = SHAPE_7B["hidden"], SHAPE_7B["ffn"], SHAPE_7B["vocab"], SHAPE_7B["layers"]
-    out_layers = v * h / (4 * h * h + 3 * h * f)  # the output matrix, in layers' worth of multiply-adds
+    layer_macs = 4 * h * h + 3 * h * f
+    out_layers = v * h / layer_macs  # the output matrix, in layers' worth of multiply-adds
+    bench_out = ev.model_facts(models["f16"]).vocab_size * h / layer_macs  # the small model's (tiny vocabulary)
     chunks, n_ctx = ev.DEFAULT_N_CHUNKS, ev.DEFAULT_N_CTX
-    scored_share = (n_ctx - n_ctx // 2) / n_ctx  # logits are computed for the second half only
+    # output rows computed: the scored half of a perplexity chunk, one per prompt batch, one per token
+    rows = {"pp512": (n_ctx - n_ctx // 2) / n_ctx, "pp64": 1 / 64, "tg": 1.0}
+    scale = {k: (n_layers + r * out_layers) / (layers + r * bench_out) for k, r in rows.items()}
+    t7 = {q: {k: c[k] * scale[k] for k in c} for q, c in costs.items()}
     samples, max_tokens = ev.DEFAULT_MAX_SAMPLES, ev.DEFAULT_MAX_TOKENS
     pp, tg = ev.DEFAULT_SPEED_PROMPT, ev.DEFAULT_SPEED_GEN
-    print(f"7B-shape layer costs, {threads} thread(s), fastest of {args.repeat} (load average "
-          f"{min(load):.1f}-{max(load):.1f}); 7B = {n_layers} layers + output layer ({out_layers:.2f} layers)")
+    what = "CPU s" if threads == 1 else "wall s"
+    print(f"LLaMA-7B shape, {layers}-layer models measured ({threads} thread(s), {what}, fastest of {args.repeat}; "
+          f"load average {min(load):.1f}-{max(load):.1f}), scaled to {n_layers} layers + the output layer "
+          f"({out_layers:.2f} layers' multiply-adds)")
     print()
-    print("| type | pp512 s/layer | pp64 s/layer | tg s/token/layer |")
-    print("|---|---:|---:|---:|")
-    per_layer = {}
+    print(f"| type | {layers}-layer pp512 | {layers}-layer pp64 | {layers}-layer tg/token | 7B pp512 chunk | "
+          "7B prompt s/token | 7B s/generated token |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for q, c in costs.items():
-        per_layer[q] = {k: max(c[2][k] - c[1][k], 1e-9) for k in ("pp512", "pp64", "tg")}
-        d = per_layer[q]
-        print(f"| {q} | {d['pp512']:.3f} | {d['pp64']:.4f} | {d['tg']:.4f} |")
+        d = t7[q]
+        print(f"| {q} | {c['pp512']:.2f} | {c['pp64']:.3f} | {c['tg']:.4f} | {d['pp512']:.0f} | "
+              f"{d['pp64'] / 64:.3f} | {d['tg']:.2f} |")
     print()
     print(f"7B evaluation with the defaults: {chunks} chunk x {n_ctx}, speed pp{pp}/tg{tg}, "
           f"{samples} samples x <= {max_tokens} tokens (prompts ~{SAMPLE_PROMPT_TOKENS} tokens), "
-          f"cold read at {args.disk_mb_s:.0f} MB/s")
+          f"weights read cold at {args.disk_mb_s:.0f} MB/s")
     print()
     print("| model | load s | perplexity s | speed s | samples s | total s |")
     print("|---|---:|---:|---:|---:|---:|")
     grand = 0.0
-    for q, d in per_layer.items():
+    for q, d in t7.items():
         load_s = SIZES_7B[q] / (args.disk_mb_s * 1e6)
-        ppl_s = chunks * d["pp512"] * (n_layers + out_layers * scored_share)
-        small = d["pp64"] / 64 * (n_layers + out_layers / 64)  # per prompt token, one output row per batch
-        tok = d["tg"] * (n_layers + out_layers)
-        speed_s = pp * small + tg * tok
-        samples_s = samples * (SAMPLE_PROMPT_TOKENS * small + max_tokens * tok)
+        ppl_s = chunks * d["pp512"]
+        per_prompt_token = d["pp64"] / 64
+        speed_s = pp * per_prompt_token + tg * d["tg"]
+        samples_s = samples * (SAMPLE_PROMPT_TOKENS * per_prompt_token + max_tokens * d["tg"])
         total = load_s + ppl_s + speed_s + samples_s
         grand += total
         print(f"| {q} | {load_s:.0f} | {ppl_s:.0f} | {speed_s:.0f} | {samples_s:.0f} | {total:.0f} |")
-    overhead = 20.0  # GGUF metadata of a 50k vocabulary (~4 s per file), plots, numpy KL per chunk
+    overhead = 20.0  # GGUF metadata of a 50k vocabulary (~4 s per file), plot, numpy KL per chunk
     grand += overhead
-    print(f"| overhead (metadata, plots, KL arithmetic) | | | | | {overhead:.0f} |")
+    print(f"| overhead (GGUF metadata, plot, KL arithmetic) | | | | | {overhead:.0f} |")
     print(f"| **f16 + q8_0 + q4_0** | | | | | **{grand:.0f} s = {grand / 60:.1f} min** |")
     print()
-    chunk_s = sum(d["pp512"] * (n_layers + out_layers * scored_share) for d in per_layer.values())
-    token_s = sum(d["tg"] * (n_layers + out_layers) for d in per_layer.values())
-    sample_s = sum(SAMPLE_PROMPT_TOKENS * d["pp64"] / 64 * n_layers for d in per_layer.values()) + max_tokens * token_s
-    print(f"scale-up, for the three models together: +{chunk_s / 60:.1f} min per extra chunk, "
+    chunk_s = sum(d["pp512"] for d in t7.values())
+    token_s = sum(d["tg"] for d in t7.values())
+    sample_s = sum(SAMPLE_PROMPT_TOKENS * d["pp64"] / 64 for d in t7.values()) + max_tokens * token_s
+    print(f"scale-up, the three models together: +{chunk_s / 60:.1f} min per extra chunk, "
           f"+{sample_s / 60:.1f} min per extra sample, +{token_s:.1f} s per extra generated token per sample")
     print(f"(layer models kept in {work})")
     return 0
@@ -333,7 +340,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2, help="runs per route, alternating; the fastest is kept")
     ap.add_argument("--work", help="estimate mode: folder for the 7B-shape layer models (reused)")
-    ap.add_argument("--threads", type=int, help="estimate mode: llama.cpp threads (default: physical cores)")
+    ap.add_argument("--threads", type=int, help="estimate mode: llama.cpp threads (default 1: CPU seconds, "
+                    "robust on a shared machine; with more, wall seconds)")
     ap.add_argument("--disk-mb-s", type=float, default=398.0,
                     help="estimate mode: cold read speed for the load (398 MB/s measured here in issue 14)")
     ap.add_argument("--worker", choices=["zhllama", "naive"], help=argparse.SUPPRESS)

@@ -75,7 +75,7 @@ KL_LOG_PROB_FLOOR = -16.0  # llama.cpp ignores reference entries with log p <= -
 # arithmetic is in docs/evaluate.md ("Sizing"). Scale up with n_chunks, max_samples, max_tokens.
 DEFAULT_N_CTX = 512  # llama-perplexity's default context
 DEFAULT_N_CHUNKS = 1  # 0 = every chunk the text holds
-DEFAULT_GEN_CTX = 2048  # the release ran llama.cpp with -c 2048
+DEFAULT_GEN_CTX = None  # the model's context: None = what the samples need (the release chatted with -c 2048)
 DEFAULT_SAMPLES_PER_CATEGORY = 1
 DEFAULT_MAX_SAMPLES = 3  # prompts in all (one per category, in file order); 0 = no limit
 DEFAULT_MAX_TOKENS = 32
@@ -937,12 +937,6 @@ def _template_for(inputs: _Inputs, facts: ModelFacts) -> chat.PromptTemplate:
     return inputs.template or chat.TEMPLATES[chat.TEMPLATE_FOR_VOCAB[facts.vocab_kind]]
 
 
-def _model_ctx(facts: ModelFacts, n_ctx: int, gen_ctx: int) -> int:
-    """The context a model is opened with: room for the sample prompts (``gen_ctx``, capped at the
-    training context) and never less than a perplexity chunk."""
-    return max(n_ctx, min(gen_ctx, facts.context_length or gen_ctx))
-
-
 def _check_vocab(name: str, vocab_size: int, reference_vocab: int) -> None:
     if vocab_size != reference_vocab:
         raise InputError(f"{name} has {vocab_size} tokens, the reference {reference_vocab}",
@@ -959,12 +953,19 @@ class _Prepared:
     facts: ModelFacts
     tokens: list[int]
     vocab_row: TokenizerRow
+    ctx: int  # the context the model will be opened with
 
 
-def _prepare(path: str | Path, *, name: str, facts: ModelFacts, inputs: _Inputs, n_ctx: int, gen_ctx: int,
-             reference: ReferenceResult | None = None) -> _Prepared:
+def _prepare(path: str | Path, *, name: str, facts: ModelFacts, inputs: _Inputs, n_ctx: int,
+             gen_ctx: int | None, max_tokens: int, reference: ReferenceResult | None = None) -> _Prepared:
     """Tokenize the text with the model's own vocabulary (vocabulary-only load: milliseconds) and check
-    it against ``n_ctx`` and the reference's tokens, and that every sample prompt fits the context."""
+    it against ``n_ctx`` and the reference's tokens; size the model's context and check that every
+    sample prompt fits it.
+
+    The context is ``gen_ctx`` or, when None, just what the samples need (the longest dialogue with
+    ``max_tokens`` per reply, rounded up to 256), capped at the training context and never below
+    ``n_ctx``: the KV cache is allocated for all of it (1 GB at 2048 for a 7B).
+    """
     _check_ctx(n_ctx)
     if reference is not None:
         _check_vocab(name, facts.vocab_size, reference.n_vocab)
@@ -972,25 +973,33 @@ def _prepare(path: str | Path, *, name: str, facts: ModelFacts, inputs: _Inputs,
     try:
         tokens = tokenize_text(vocab, inputs.text)
         _check_tokens(tokens, n_ctx, f"the evaluation text {inputs.text_label}")
-        if reference is not None and (len(tokens) != reference.n_tokens or tokens_sha256(tokens) != reference.tokens_sha256):
+        if reference is not None and (len(tokens) != reference.n_tokens
+                                      or tokens_sha256(tokens) != reference.tokens_sha256):
             raise InputError(f"{name} tokenizes the evaluation text to {len(tokens)} tokens (sha256 "
                              f"{tokens_sha256(tokens)[:12]}…)", expected=f"the reference's {reference.n_tokens} "
                              f"tokens (sha256 {reference.tokens_sha256[:12]}…): the same vocabulary",
                              fix="evaluate quantizations of the reference model against it")
-        ctx = _model_ctx(facts, n_ctx, gen_ctx)
         tpl = _template_for(inputs, facts)
-        for it in inputs.prompts:
-            n = len(vocab.tokenize(tpl.render([], it.turns[0]).encode("utf-8"), add_bos=True, special=False))
+
+        def n_tokens(text: str) -> int:
+            return len(vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+
+        first = {it.id: n_tokens(tpl.render([], it.turns[0])) for it in inputs.prompts}
+        need = max((n_tokens(tpl.render([(t, "") for t in it.turns[:-1]], it.turns[-1]))
+                    + len(it.turns) * max_tokens + 8 for it in inputs.prompts), default=0)
+        ctx = gen_ctx or -(-need // 256) * 256
+        ctx = max(n_ctx, min(ctx, facts.context_length or ctx))
+        for pid, n in first.items():
             if n + 1 >= ctx:
-                raise InputError(f"sample prompt {it.id} is {n} tokens for {name}, the context holds {ctx}",
+                raise InputError(f"sample prompt {pid} is {n} tokens for {name}, the context holds {ctx}",
                                  fix="shorten the prompt, or raise the generation context")
         (row,) = tokenizer_rows(inputs.text, llms={_gguf_vocab_label(facts): vocab})
     finally:
         vocab.close()
-    return _Prepared(path=Path(path), name=name, facts=facts, tokens=tokens, vocab_row=row)
+    return _Prepared(path=Path(path), name=name, facts=facts, tokens=tokens, vocab_row=row, ctx=ctx)
 
 
-def _run_model(prep: _Prepared, inputs: _Inputs, *, n_ctx: int, n_chunks: int, gen_ctx: int,
+def _run_model(prep: _Prepared, inputs: _Inputs, *, n_ctx: int, n_chunks: int,
                reference: ReferenceLogProbs | None, save: ReferenceLogProbs | None, speed: bool, speed_prompt: int,
                speed_gen: int, max_tokens: int, seed: int, threads: int | None) -> VariantReport:
     """Load one model and measure everything: perplexity (+ KL against ``reference`` / stored into
@@ -1000,7 +1009,7 @@ def _run_model(prep: _Prepared, inputs: _Inputs, *, n_ctx: int, n_chunks: int, g
     log.info("evaluating %s (%s, %s)", name, prep.path, human_bytes(facts.file_size))
     tpl = _template_for(inputs, facts)
     mem = _MemoryPeak()
-    with contextlib.closing(chat.load_model(prep.path, n_ctx=_model_ctx(facts, n_ctx, gen_ctx), n_batch=n_ctx,
+    with contextlib.closing(chat.load_model(prep.path, n_ctx=prep.ctx, n_batch=n_ctx,
                                             seed=seed, threads=threads, progress=f"load {name}")) as llm:
         mem.sample()
         ppl, kl = measure_perplexity(llm, prep.tokens, n_ctx=n_ctx, n_chunks=n_chunks, reference=reference,
@@ -1015,7 +1024,7 @@ def _run_model(prep: _Prepared, inputs: _Inputs, *, n_ctx: int, n_chunks: int, g
                          seconds=time.perf_counter() - t0)
 
 
-def _settings(*, n_ctx: int, n_chunks: int, gen_ctx: int, samples_per_category: int | None,
+def _settings(*, n_ctx: int, n_chunks: int, gen_ctx: int | None, samples_per_category: int | None,
               max_samples: int | None, max_tokens: int, seed: int, threads: int | None, template: str | None,
               speed: bool, speed_prompt: int, speed_gen: int, title: str) -> dict:
     return {"n_ctx": n_ctx, "n_chunks": n_chunks, "gen_ctx": gen_ctx, "samples_per_category": samples_per_category,
@@ -1118,7 +1127,7 @@ def reference_pass(
     name: str | None = None,
     prompts: str | Path | None | bool = None,
     template: str | None = None,
-    gen_ctx: int = DEFAULT_GEN_CTX,
+    gen_ctx: int | None = DEFAULT_GEN_CTX,
     samples_per_category: int | None = DEFAULT_SAMPLES_PER_CATEGORY,
     max_samples: int | None = DEFAULT_MAX_SAMPLES,
     max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -1146,7 +1155,8 @@ def reference_pass(
                           samples_per_category=samples_per_category, max_samples=max_samples)
     facts = cached_model_facts(model_gguf)
     name = name or variant_name(facts)
-    prep = _prepare(model_gguf, name=name, facts=facts, inputs=inputs, n_ctx=n_ctx, gen_ctx=gen_ctx)
+    prep = _prepare(model_gguf, name=name, facts=facts, inputs=inputs, n_ctx=n_ctx, gen_ctx=gen_ctx,
+                    max_tokens=max_tokens)
     chunks = resolve_chunks(len(prep.tokens), n_ctx, n_chunks)
     per_chunk = n_ctx - n_ctx // 2 - 1
     nbytes = reference_bytes(chunks, n_ctx, facts.vocab_size)
@@ -1155,7 +1165,7 @@ def reference_pass(
     t0 = time.perf_counter()
     with atomic_path(out / LOGPROBS_FILE) as tmp_codes, atomic_path(out / POSITIONS_FILE) as tmp_positions:
         store = ReferenceLogProbs.create(tmp_codes, n_chunks=chunks, per_chunk=per_chunk, n_vocab=facts.vocab_size)
-        row = _run_model(prep, inputs, n_ctx=n_ctx, n_chunks=chunks, gen_ctx=gen_ctx, reference=None, save=store,
+        row = _run_model(prep, inputs, n_ctx=n_ctx, n_chunks=chunks, reference=None, save=store,
                          speed=speed, speed_prompt=speed_prompt, speed_gen=speed_gen, max_tokens=max_tokens,
                          seed=seed, threads=threads)
         store.flush()
@@ -1214,7 +1224,7 @@ def evaluate(
     n_ctx: int | None = None,
     n_chunks: int | None = None,
     name: str | None = None,
-    gen_ctx: int = DEFAULT_GEN_CTX,
+    gen_ctx: int | None = DEFAULT_GEN_CTX,
     samples_per_category: int | None = DEFAULT_SAMPLES_PER_CATEGORY,
     max_samples: int | None = DEFAULT_MAX_SAMPLES,
     max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -1269,11 +1279,12 @@ def evaluate(
         if name == ref.name:
             raise InputError(f"variant name {name!r} is the reference's", expected="a name of its own",
                              fix="pass another name (--name)")
-    prep = _prepare(model_gguf, name=name, facts=facts, inputs=inputs, n_ctx=n_ctx, gen_ctx=gen_ctx, reference=ref)
+    prep = _prepare(model_gguf, name=name, facts=facts, inputs=inputs, n_ctx=n_ctx, gen_ctx=gen_ctx,
+                    max_tokens=max_tokens, reference=ref)
     chunks = ref.n_chunks if ref is not None else resolve_chunks(len(prep.tokens), n_ctx, n_chunks)
     check_disk_space(out, 1_000_000, what="the evaluation report")
     out.mkdir(parents=True, exist_ok=True)
-    row = _run_model(prep, inputs, n_ctx=n_ctx, n_chunks=chunks, gen_ctx=gen_ctx,
+    row = _run_model(prep, inputs, n_ctx=n_ctx, n_chunks=chunks,
                      reference=ref.logprobs() if ref is not None else None, save=None, speed=speed,
                      speed_prompt=speed_prompt, speed_gen=speed_gen, max_tokens=max_tokens, seed=seed, threads=threads)
     if ref is not None:
@@ -1314,7 +1325,7 @@ def evaluate_variants(
     template: str | None = None,
     n_ctx: int | None = None,
     n_chunks: int | None = None,
-    gen_ctx: int = DEFAULT_GEN_CTX,
+    gen_ctx: int | None = DEFAULT_GEN_CTX,
     samples_per_category: int | None = DEFAULT_SAMPLES_PER_CATEGORY,
     max_samples: int | None = DEFAULT_MAX_SAMPLES,
     max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -1372,9 +1383,11 @@ def evaluate_variants(
                              fix="pass another --name")
     ref_tokens = None
     if ref_gguf is not None:
-        ref_tokens = _prepare(ref_gguf, name=ref_name, facts=ref_facts, inputs=inputs, n_ctx=ctx, gen_ctx=gen_ctx).tokens
+        ref_tokens = _prepare(ref_gguf, name=ref_name, facts=ref_facts, inputs=inputs, n_ctx=ctx, gen_ctx=gen_ctx,
+                              max_tokens=max_tokens).tokens
     for n, p in todo.items():
-        prep = _prepare(p, name=n, facts=facts[n], inputs=inputs, n_ctx=ctx, gen_ctx=gen_ctx, reference=stored)
+        prep = _prepare(p, name=n, facts=facts[n], inputs=inputs, n_ctx=ctx, gen_ctx=gen_ctx,
+                        max_tokens=max_tokens, reference=stored)
         if ref_tokens is not None and prep.tokens != ref_tokens:
             raise InputError(f"{n} tokenizes the evaluation text to {len(prep.tokens)} tokens, not as the "
                              f"reference does ({len(ref_tokens)})", expected="the reference's vocabulary",

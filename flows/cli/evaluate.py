@@ -6,16 +6,17 @@ import argparse
 from pathlib import Path
 
 SIZING = """\
-Defaults are sized so that a 7B evaluation (f16 reference + q4_0 + q8_0) finishes in about 13
-minutes on a 2-core machine: one perplexity chunk of 512 tokens, three sample prompts (one from
-each of the first three categories) of at most 32 tokens, and a speed test of pp32/tg16; the f16
-reference runs once and every quant's KL reuses its stored predictions (DIR/reference, 25.5 MB per
-chunk for a 49954-token vocabulary). Scale up with:
-  --chunks N            perplexity/KL chunks (0 = all the text holds; about +1.9 min per chunk per 7B model)
-  --samples N           sample prompts in all (0 = every category; with --samples-per-category N)
-  --max-tokens N        tokens per sample reply (about 1.3 s per token for an f16 7B)
+Defaults are sized so that a 7B evaluation (f16 reference + q4_0 + q8_0) takes about 11 minutes on
+a 2-core machine (estimated from per-token costs measured here: docs/evaluate.md, "Sizing"): one
+perplexity chunk of 512 tokens, three sample prompts (one from each of the first three categories)
+of at most 32 tokens, a speed test of pp32/tg16, one thread per physical core; the f16 reference
+runs once and every quant's KL reuses its stored predictions (DIR/reference: 25.5 MB per chunk for
+the 49954-token vocabulary). Scale up with (costs for a 7B f16 + q8_0 + q4_0 together):
+  --chunks N            perplexity/KL chunks (0 = all the text holds): about +4.5 min per chunk
+  --samples N           sample prompts in all (0 = no limit; with --samples-per-category N): +1.6 min each
+  --max-tokens N        tokens per sample reply: +2 s per token per sample
   --speed-prompt N / --speed-gen N   the speed test's pp/tg sizes
-  --threads N           llama.cpp threads (default: physical cores)
+  --threads N           llama.cpp threads (default: physical cores; 1 can be faster on a busy machine)
 Pass DIR/reference as --reference to evaluate more quants against the same f16 pass later."""
 
 

@@ -53,6 +53,7 @@ import logging
 import math
 import os
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
@@ -1056,7 +1057,7 @@ class ReferenceResult:
     tokens_sha256: str
     text_sha256: str
     logprob_bytes: int  # the log-prob grid file
-    total_bytes: int  # every file of the stored reference data (log-probs, positions, text, reference.json)
+    total_bytes: int  # the stored reference data: log-probs, positions and text
     seconds: float
 
     @property
@@ -1068,7 +1069,11 @@ class ReferenceResult:
 
     def logprobs(self) -> ReferenceLogProbs:
         """The stored predictions, memory-mapped read-only."""
-        store = ReferenceLogProbs.open(self.out)
+        try:
+            store = ReferenceLogProbs.open(self.out)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise InputError(f"cannot read the stored predictions in {self.out} ({exc})",
+                             fix="run the reference pass again") from exc
         if (store.n_chunks, store.per_chunk, store.n_vocab) != (self.n_chunks, self.positions, self.n_vocab) or \
                 store.nll.shape != (self.n_chunks, self.positions):
             raise InputError(f"the stored reference in {self.out} has arrays of shape {store.codes.shape}",
@@ -1082,6 +1087,9 @@ class ReferenceResult:
         folder = Path(folder)
         meta_path = folder / REFERENCE_FILE
         fix = "pass the folder written by the reference pass (zhllama eval F16.gguf --out DIR writes DIR/reference)"
+        if not folder.exists():
+            raise InputError(f"no reference at {folder}", expected="the f16 GGUF, or a stored reference folder",
+                             fix="check the path; " + fix)
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -1093,19 +1101,22 @@ class ReferenceResult:
             raise InputError(f"{meta_path} is format {meta.get('format')!r} version {meta.get('version')!r}",
                              expected=f"{REFERENCE_FORMAT!r} version {REFERENCE_VERSION}",
                              fix="run the reference pass again with this zhllama")
-        expected = {LOGPROBS_FILE: meta["logprob_bytes"]}
+        expected = {LOGPROBS_FILE: meta.get("logprob_bytes")}
         for fname in (LOGPROBS_FILE, POSITIONS_FILE, TEXT_FILE, "report.json"):
             p = folder / fname
             if not p.is_file() or (fname in expected and p.stat().st_size != expected[fname]):
                 raise InputError(f"the stored reference in {folder} is incomplete: {fname} "
                                  + ("is missing" if not p.is_file() else f"has {p.stat().st_size} bytes, "
                                     f"{REFERENCE_FILE} says {expected[fname]}"), fix=fix)
-        report = Report.load(folder)
-        return cls(out=folder, name=meta["name"], model=_from_dict(ModelFacts, meta["model"]), report=report,
-                   n_ctx=meta["n_ctx"], n_chunks=meta["n_chunks"], positions=meta["positions_per_chunk"],
-                   n_vocab=meta["n_vocab"], n_tokens=meta["tokens"]["count"], tokens_sha256=meta["tokens"]["sha256"],
-                   text_sha256=meta["text"]["sha256"], logprob_bytes=meta["logprob_bytes"],
-                   total_bytes=meta["total_bytes"], seconds=meta.get("seconds", 0.0))
+        try:
+            return cls(out=folder, name=meta["name"], model=_from_dict(ModelFacts, meta["model"]),
+                       report=Report.load(folder), n_ctx=meta["n_ctx"], n_chunks=meta["n_chunks"],
+                       positions=meta["positions_per_chunk"], n_vocab=meta["n_vocab"], n_tokens=meta["tokens"]["count"],
+                       tokens_sha256=meta["tokens"]["sha256"], text_sha256=meta["text"]["sha256"],
+                       logprob_bytes=meta["logprob_bytes"], total_bytes=meta["total_bytes"],
+                       seconds=meta.get("seconds", 0.0))
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"{meta_path} lacks {exc}", expected=f"a {REFERENCE_FORMAT} record", fix=fix) from exc
 
 
 def _as_reference(reference: ReferenceResult | str | Path) -> ReferenceResult:

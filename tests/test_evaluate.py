@@ -206,6 +206,8 @@ def test_mismatched_reference_is_refused_unloaded(reference, eval_models, tmp_pa
     (truncated / ev.REFERENCE_FILE).unlink()
     with pytest.raises(InputError, match="no reference.json"):
         ev.evaluate(eval_models.alpaca_q4_0, out=tmp_path / "x", reference=truncated)
+    with pytest.raises(InputError, match="no reference at"):
+        ev.evaluate(eval_models.alpaca_q4_0, out=tmp_path / "x", reference=tmp_path / "missing-f16.gguf")
     assert model_loads == []
     assert not (tmp_path / "x").exists()
 

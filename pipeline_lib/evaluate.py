@@ -1173,6 +1173,8 @@ def reference_pass(
     nbytes = reference_bytes(chunks, n_ctx, facts.vocab_size)
     check_disk_space(out, nbytes + len(inputs.text.encode("utf-8")) + 2_000_000, what="the evaluation reference")
     out.mkdir(parents=True, exist_ok=True)
+    # an earlier pass in the same folder stops being a reference now: its record must not vouch for new files
+    (out / REFERENCE_FILE).unlink(missing_ok=True)
     t0 = time.perf_counter()
     with atomic_path(out / LOGPROBS_FILE) as tmp_codes, atomic_path(out / POSITIONS_FILE) as tmp_positions:
         store = ReferenceLogProbs.create(tmp_codes, n_chunks=chunks, per_chunk=per_chunk, n_vocab=facts.vocab_size)

@@ -328,6 +328,14 @@ def test_speed_test_is_bounded(eval_models, monkeypatch):  # noqa: F811
     assert ev.DEFAULT_SPEED_PROMPT + ev.DEFAULT_SPEED_GEN <= 64
 
 
+def test_progress_for_load_perplexity_and_speed(reference, eval_models, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("ZHLLAMA_PROGRESS", "1")
+    ev.evaluate(eval_models.alpaca_q4_0, out=tmp_path / "q4", reference=reference, prompts=False)
+    err = capsys.readouterr().err
+    for bar_name in ("load q4_0", "perplexity q4_0", "speed q4_0"):
+        assert bar_name in err, err
+
+
 def test_samples_cover_ten_categories_with_alpaca_template(quant_report):
     samples = quant_report.variant("q4_0").samples
     cats = {s.category for s in samples}

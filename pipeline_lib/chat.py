@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import codecs
 import logging
+import math
+import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,12 @@ def gguf_vocab_kind(model_gguf: str | Path) -> str:
     import gguf
 
     path = _check_gguf(model_gguf)
-    reader = gguf.GGUFReader(path)
+    return vocab_kind(gguf.GGUFReader(path), path)
+
+
+def vocab_kind(reader, path: str | Path = "the GGUF") -> str:
+    """``gguf_vocab_kind`` for an open ``gguf.GGUFReader`` (parsing a 50k-token vocabulary takes seconds:
+    read the file once)."""
     field_ = reader.fields.get("tokenizer.ggml.tokens")
     if field_ is None:
         raise InputError(f"{path} has no tokenizer.ggml.tokens", expected="a GGUF with an embedded vocabulary",
@@ -115,7 +123,11 @@ def gguf_context_length(model_gguf: str | Path) -> int | None:
     """The context length the model was trained with (``<arch>.context_length``), if the GGUF says."""
     import gguf
 
-    reader = gguf.GGUFReader(_check_gguf(model_gguf))
+    return context_length(gguf.GGUFReader(_check_gguf(model_gguf)))
+
+
+def context_length(reader) -> int | None:
+    """``gguf_context_length`` for an open ``gguf.GGUFReader``."""
     arch = reader.fields.get("general.architecture")
     name = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else "llama"
     f = reader.fields.get(f"{name}.context_length")
@@ -146,19 +158,122 @@ def context_size(llm) -> int:
     return min(llm.n_ctx(), len(llm.input_ids))
 
 
+def physical_cores(*, sys_root: str | Path = "/sys", proc_root: str | Path = "/proc",
+                   cpus: Iterable[int] | None = None) -> int:
+    """CPU cores this process can really use: llama.cpp's default thread count.
+
+    Counts distinct (package, core) pairs of the CPUs in the process's affinity mask, so SMT
+    siblings count once (two hyperthreads share one core's FMA units: a second thread on the same
+    core slows llama.cpp's matrix products down), then caps the count by a cgroup v2 CPU quota
+    (``cpu.max``, e.g. a container limited to 2 CPUs). At least 1. ``sys_root``/``proc_root``/``cpus``
+    exist for tests.
+    """
+    if cpus is None:
+        try:
+            cpus = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            cpus = range(os.cpu_count() or 1)
+    cores: set[tuple[str, str]] = set()
+    for c in sorted(cpus):
+        topo = Path(sys_root) / "devices" / "system" / "cpu" / f"cpu{c}" / "topology"
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:  # no topology (some containers, non-Linux): count the logical CPU
+            cores.add(("cpu", str(c)))
+    n = max(1, len(cores))
+    quota = _cgroup_cpu_limit(Path(sys_root), Path(proc_root))
+    return max(1, min(n, quota)) if quota else n
+
+
+def _cgroup_cpu_limit(sys_root: Path, proc_root: Path) -> int | None:
+    """CPUs allowed by this process's cgroup v2 ``cpu.max`` (quota/period, rounded up), or None."""
+    try:
+        lines = (proc_root / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    rel = next((ln[3:] for ln in lines if ln.startswith("0::")), None)
+    if rel is None:
+        return None
+    try:
+        quota, period = (sys_root / "fs" / "cgroup" / rel.lstrip("/") / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+PREFETCH_BUFFER = 16 * 1024 * 1024
+
+
+def prefetch(model_gguf: str | Path, *, desc: str | None = None) -> bool:
+    """Read the model file once, sequentially, into the page cache, with a progress bar in bytes.
+
+    llama.cpp maps the file and its first decode then faults every page in, invisibly and in
+    tensor order; a sequential read with large buffers runs at the disk's speed and shows how far
+    the load is. Skipped (False) when the file would not fit in the memory available now, where
+    the page cache could not keep it anyway.
+    """
+    path = Path(model_gguf)
+    size = path.stat().st_size
+    avail = _mem_available()
+    if avail is not None and size > 0.8 * avail:
+        log.info("not prefetching %s (%d bytes; %d available)", path, size, avail)
+        return False
+    buf = bytearray(min(PREFETCH_BUFFER, max(size, 1)))
+    with open(path, "rb", buffering=0) as fh, bar(size, desc or f"load {path.name}") as pbar:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while n := fh.readinto(buf):
+            pbar.update(n)
+    return True
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def load_model(model_gguf: str | Path, *, n_ctx: int = 2048, n_batch: int | None = None, seed: int = 0,
-               threads: int | None = None, logits_all: bool = False):
-    """Open a GGUF with llama.cpp (quietly). ``n_batch`` defaults to ``min(n_ctx, 512)``."""
+               threads: int | None = None, logits_all: bool = False, progress: str | None = None):
+    """Open a GGUF with llama.cpp (quietly). ``n_batch`` defaults to ``min(n_ctx, 512)``; ``threads``
+    (prompt batches and generation alike) to ``physical_cores()``. ``progress`` names the load's
+    progress bar; the file is then read into the page cache first (see ``prefetch``)."""
     import llama_cpp
 
     path = _check_gguf(model_gguf)
     n_batch = n_batch or min(n_ctx, 512)
+    threads = threads or physical_cores()
+    if progress is not None:
+        prefetch(path, desc=progress)
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                                logits_all=logits_all, verbose=False, seed=seed, n_threads=threads,
                                n_threads_batch=threads)
     except ValueError as exc:  # llama-cpp-python raises ValueError("Failed to load model from file")
         raise InputError(f"llama.cpp cannot load {path} ({exc})", expected="a GGUF model llama.cpp supports",
+                         fix="check the file with `zhllama verify`, or convert it again") from exc
+
+
+def load_vocab(model_gguf: str | Path):
+    """The GGUF's vocabulary alone (no weights read: milliseconds even for 33B), for tokenizing and
+    checking inputs before a model is loaded."""
+    import llama_cpp
+
+    path = _check_gguf(model_gguf)
+    try:
+        return llama_cpp.Llama(model_path=str(path), vocab_only=True, n_ctx=8, n_batch=8, verbose=False)
+    except ValueError as exc:
+        raise InputError(f"llama.cpp cannot read the vocabulary of {path} ({exc})",
+                         expected="a GGUF model llama.cpp supports",
                          fix="check the file with `zhllama verify`, or convert it again") from exc
 
 

@@ -113,3 +113,22 @@ def eval_models(tmp_path_factory, tiny_release) -> EvalModels:
                       alpaca_q4_0=quantize_gguf(a16, "q4_0", root), llama_f16=l16,
                       alpaca_tokenizer=toks.chinese_alpaca_dir / "tokenizer.model",
                       llama_tokenizer=toks.llama_model)
+
+
+@pytest.fixture
+def model_loads(monkeypatch) -> list[str]:
+    """File names of the GGUFs llama.cpp opens with their weights during the test (vocabulary-only
+    opens are not loads): llama_cpp.Llama wrapped, the real class still does the work."""
+    import llama_cpp
+
+    loads: list[str] = []
+    real = llama_cpp.Llama
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            if not kwargs.get("vocab_only"):
+                loads.append(Path(kwargs.get("model_path") or args[0]).name)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(llama_cpp, "Llama", Recording)
+    return loads

@@ -183,3 +183,49 @@ def test_chat_two_turns_through_a_pty(eval_models):
         assert term.proc.wait(timeout=30) == 0
     finally:
         term.close()
+
+
+def _fake_topology(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
+    for cpu, (package, core) in cores.items():
+        topo = root / "devices" / "system" / "cpu" / f"cpu{cpu}" / "topology"
+        topo.mkdir(parents=True)
+        (topo / "physical_package_id").write_text(f"{package}\n")
+        (topo / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def test_physical_cores_counts_smt_siblings_once_and_honours_the_cgroup_quota(tmp_path):
+    # 2 packages x 2 cores x 2 hyperthreads = 8 logical CPUs, 4 physical cores
+    layout = {cpu: (cpu // 4, (cpu // 2) % 2) for cpu in range(8)}
+    sys_root = _fake_topology(tmp_path / "sys", layout)
+    proc_root = tmp_path / "proc"
+    (proc_root / "self").mkdir(parents=True)
+    assert chat.physical_cores(sys_root=sys_root, proc_root=proc_root, cpus=range(8)) == 4
+    assert chat.physical_cores(sys_root=sys_root, proc_root=proc_root, cpus=[0, 1]) == 1  # siblings of one core
+    assert chat.physical_cores(sys_root=sys_root, proc_root=proc_root, cpus=[0, 2, 4]) == 3
+    # a container limited to 1.5 CPUs by cgroup v2 gets 2 threads
+    (proc_root / "self" / "cgroup").write_text("0::/box\n")
+    (sys_root / "fs" / "cgroup" / "box").mkdir(parents=True)
+    (sys_root / "fs" / "cgroup" / "box" / "cpu.max").write_text("150000 100000\n")
+    assert chat.physical_cores(sys_root=sys_root, proc_root=proc_root, cpus=range(8)) == 2
+    (sys_root / "fs" / "cgroup" / "box" / "cpu.max").write_text("max 100000\n")
+    assert chat.physical_cores(sys_root=sys_root, proc_root=proc_root, cpus=range(8)) == 4
+    # no topology at all: logical CPUs
+    assert chat.physical_cores(sys_root=tmp_path / "empty", proc_root=tmp_path / "none", cpus=range(3)) == 3
+
+
+def test_models_load_with_one_thread_per_physical_core(eval_models):
+    n = chat.physical_cores()
+    assert 1 <= n <= (os.cpu_count() or 1)
+    llm = chat.load_model(eval_models.alpaca_q4_0, n_ctx=128, progress="load q4_0")
+    try:
+        # prompt batches and generation alike (llama-cpp-python's own default is cpu_count // 2 for generation)
+        assert llm.n_threads == llm.n_threads_batch == n
+        assert llm.context_params.n_threads == llm.context_params.n_threads_batch == n
+    finally:
+        llm.close()
+    vocab = chat.load_vocab(eval_models.alpaca_q4_0)
+    try:
+        assert vocab.n_vocab() > 0 and vocab.tokenize("你好".encode(), add_bos=True)[0] == vocab.token_bos()
+    finally:
+        vocab.close()

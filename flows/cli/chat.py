@@ -21,7 +21,7 @@ def _common(p, *, temp: float, top_k: int, top_p: float, repeat_penalty: float, 
     p.add_argument("--top-p", type=float, default=top_p, help=f"({top_p})")
     p.add_argument("--repeat-penalty", type=float, default=repeat_penalty, help=f"({repeat_penalty})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="CPU threads for llama.cpp")
+    p.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: physical cores)")
     p.add_argument("--show-prompt", action="store_true",
                    help="print the exact model input (with the chat history) to stderr before each reply")
 
@@ -48,7 +48,7 @@ def _open(args):
     if trained and n_ctx > trained:
         print(f"note: using --ctx {trained}, the context this model was trained with", file=sys.stderr)
         n_ctx = trained
-    llm = chat.load_model(args.model, n_ctx=n_ctx, seed=args.seed, threads=args.threads)
+    llm = chat.load_model(args.model, n_ctx=n_ctx, seed=args.seed, threads=args.threads, progress=f"load {args.model.name}")
     sampling = chat.Sampling(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                              repeat_penalty=args.repeat_penalty)
     return chat.ChatSession(llm=llm, template=template, sampling=sampling, max_tokens=args.max_tokens)

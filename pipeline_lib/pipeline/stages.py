@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextvars
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -410,35 +409,27 @@ def ggml_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
                         produce=produce, label=node.label)
 
 
-def _eval_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
-    """EvalOptions (BuildSpec) -> keyword arguments of pipeline_lib.evaluate."""
-    return {"n_ctx": options["n_ctx"], "n_chunks": options["max_chunks"], "text": options.get("text"),
-            "prompts": None if options["generate"] else False,
-            "samples_per_category": options["samples_per_category"], "max_tokens": options["max_new_tokens"]}
-
-
-def _keep_only(folder: Path, keep: Sequence[str]) -> None:
-    """Drop evaluation scratch files from a store entry (they are not outputs)."""
-    for p in list(folder.iterdir()):
-        if p.name not in keep:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-REPORT_FILES = ("report.json", "report.md", "report.png")
+def _sample_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """EvalOptions (BuildSpec) -> the evaluate module's options that every model's pass takes."""
+    return {"prompts": None if options["generate"] else False, "samples_per_category": options["samples_per_category"],
+            "max_samples": options["max_samples"] or None, "max_tokens": options["max_new_tokens"],
+            "speed_prompt": options["speed_prompt_tokens"], "speed_gen": options["speed_gen_tokens"],
+            "threads": options["threads"], "plot": False}
 
 
 def evaluate_reference_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
-    """The float model's own evaluation: the reference every variant's KL is measured against."""
+    """The float model's evaluation, once per build: its own report row and its stored predictions,
+    which every variant's KL is measured against (evaluate.reference_pass)."""
     gguf, tokenizers, label, options = args["gguf"], args["tokenizers"], node.params["label"], node.params["options"]
 
     def produce(tmp: Path) -> dict:
-        from ..evaluate import evaluate
+        from ..evaluate import reference_pass
 
         toks = {name: tokenizer_model(e) for name, e in tokenizers.items()}
-        evaluate(gguf_file(gguf), out=tmp, reference=gguf_file(gguf), name=label,
-                 tokenizers={n: t for n, t in toks.items() if t is not None}, **_eval_kwargs(options))
-        _keep_only(tmp, REPORT_FILES)
-        return {"label": label, "gguf_key": gguf.key}
+        ref = reference_pass(gguf_file(gguf), out=tmp, name=label, text=options.get("text"), n_ctx=options["n_ctx"],
+                             n_chunks=0 if options["max_chunks"] is None else options["max_chunks"],
+                             tokenizers={n: t for n, t in toks.items() if t is not None}, **_sample_kwargs(options))
+        return {"label": label, "n_chunks": ref.n_chunks, "reference_bytes": ref.total_bytes}
 
     return StageRequest("evaluate-reference", inputs={"gguf": digest(gguf)} | {
         f"tokenizer {name}": digest(e) for name, e in tokenizers.items()},
@@ -446,15 +437,14 @@ def evaluate_reference_request(node: StageNode, args: Mapping[str, Any]) -> Stag
 
 
 def evaluate_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
-    """Perplexity, KL against the reference, speed and samples for one quantized variant."""
+    """Perplexity, KL against the stored reference, speed and samples for one quantized variant;
+    the float model is not loaded again."""
     variant, reference, label, options = args["variant"], args["reference"], node.params["label"], node.params["options"]
 
     def produce(tmp: Path) -> dict:
         from ..evaluate import evaluate
 
-        ref_gguf = Store(reference.path.parent.parent).get(reference.meta["gguf_key"])
-        evaluate(gguf_file(variant), out=tmp, reference=gguf_file(ref_gguf), name=label, **_eval_kwargs(options))
-        _keep_only(tmp, REPORT_FILES)
+        evaluate(gguf_file(variant), out=tmp, reference=reference.path, name=label, **_sample_kwargs(options))
         return {"label": label}
 
     return StageRequest("evaluate", inputs={"variant": digest(variant), "reference": digest(reference)},
@@ -467,11 +457,10 @@ def report_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
     title = node.params["title"]
 
     def produce(tmp: Path) -> dict:
-        from .. import evaluate
-        from ._compat import combine_reports
+        from ..evaluate import combine_reports, write_report
 
-        report = combine_reports([e.path / "report.json" for e in evaluations.values()], out=tmp, title=title)
-        evaluate.write_report(report)
+        report = combine_reports([e.path for e in evaluations.values()], out=tmp, title=title)
+        write_report(report)
         return {"variants": [v.name for v in report.variants], "reference": report.reference}
 
     return StageRequest("report", inputs={label: digest(e) for label, e in evaluations.items()},
@@ -492,9 +481,9 @@ STAGES: dict[str, StageDef] = {
                          prepare=_prepare_official),
     "quantize": StageDef("1", quantize_request, "one llama.cpp quantization", heavy=True),
     "ggml": StageDef("1", ggml_request, "legacy GGML file for 2023 tools", heavy=True),
-    "evaluate-reference": StageDef("1", evaluate_reference_request, "the float model's evaluation (the KL reference)",
+    "evaluate-reference": StageDef("2", evaluate_reference_request, "the float model's evaluation (the KL reference)",
                                    heavy=True, deterministic=False),
-    "evaluate": StageDef("2", evaluate_request, "perplexity, KL, speed, samples of one variant", heavy=True,
+    "evaluate": StageDef("3", evaluate_request, "perplexity, KL, speed, samples of one variant", heavy=True,
                          deterministic=False),
-    "report": StageDef("1", report_request, "report.json/md/png across variants", deterministic=False),
+    "report": StageDef("2", report_request, "report.json/md/png across variants", deterministic=False),
 }

@@ -140,16 +140,9 @@ def detect_template(model_gguf: str | Path) -> PromptTemplate:
 
 
 def _check_gguf(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no model file at {path}", expected="a .gguf file",
-                         fix="build one with `zhllama build` or `zhllama convert`, or check the path")
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        raise InputError(f"{path} is not a GGUF file (starts with {magic!r})", expected="GGUF magic bytes",
-                         fix="convert legacy GGML/.pth files with `zhllama convert` first")
-    return path
+    from .gguf_check import check_header
+
+    return check_header(path)
 
 
 def context_size(llm) -> int:

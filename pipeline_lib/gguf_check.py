@@ -49,10 +49,9 @@ def _bad(path: Path, what: str, *, expected: str = "a complete GGUF file (as `zh
     return InputError(f"{path} {what}", expected=expected, fix=fix)
 
 
-def open_gguf(path: str | os.PathLike[str], *, role: str = "model"):
-    """Check a GGUF file and return ``(path, gguf.GGUFReader)``; InputError when it cannot be used."""
-    import gguf
-
+def check_header(path: str | os.PathLike[str], *, role: str = "model") -> Path:
+    """The cheap checks (a regular file, GGUF magic and version, a whole header): milliseconds, so
+    callers run them before anything slow. InputError naming what the file is instead."""
     path = Path(path)
     try:
         st = path.stat()
@@ -78,6 +77,15 @@ def open_gguf(path: str | os.PathLike[str], *, role: str = "model"):
     if version not in (2, 3):
         raise _bad(path, f"says GGUF version {version}", expected="GGUF version 2 or 3",
                    fix=_FIX_DAMAGED if version > 100 else "convert the model again with `zhllama convert`")
+    return path
+
+
+def open_gguf(path: str | os.PathLike[str], *, role: str = "model"):
+    """Check a GGUF file and return ``(path, gguf.GGUFReader)``; InputError when it cannot be used."""
+    import gguf
+
+    path = check_header(path, role=role)
+    st = path.stat()
     try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:  # the reader fails with numpy/struct errors on damaged files

@@ -421,7 +421,11 @@ def add_metadata(writer, plan: ConvertPlan) -> None:
     writer.add_token_scores(plan.vocab.scores)
     writer.add_token_types(plan.vocab.types)
     for kind, tid in plan.special_ids.items():
-        getattr(writer, f"add_{kind}_token_id")(tid)
+        adder = getattr(writer, f"add_{kind}_token_id", None)
+        if adder is None:  # a kind this gguf has no key for (cls in gguf-py >= 0.17): skipped, as llama.cpp does
+            log.warning("config.json %s_token_id %d has no GGUF key in this gguf version; not written", kind, tid)
+            continue
+        adder(tid)
     for kind, value in plan.add_flags.items():
         adder = getattr(writer, f"add_add_{kind}_token", None)
         if adder is not None:

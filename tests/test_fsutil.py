@@ -246,9 +246,7 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.parametrize("stage", [
     "merge-hf",
-    pytest.param("merge-pth", marks=pytest.mark.xfail(
-        strict=True, reason="pth_writer uses torch.save, whose zip writer aborts the process from its destructor "
-        "after ENOSPC ('terminate called ... unexpected pos'); helper A replaces it with its own writer")),
+    "merge-pth",
     "convert", "download-http"])
 def test_stages_on_a_disk_that_fills_up_while_writing(small_fs, tiny_release, tmp_path, stage):
     """ENOSPC (or a library's text for it) mid-write: exit 1, one `error:` line naming the path and

@@ -134,7 +134,8 @@ def apply(client, *, schedule: Iterable[str] = (), memory_slots: int = 1, build_
     ``on_deployment(name, what)`` is called as each deployment is created. Returns the deployments."""
     from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
     from prefect.client.schemas.schedules import CronSchedule
-    from prefect.events.schemas.deployment_triggers import DeploymentTriggerAdapter
+    from prefect.events.schemas.deployment_triggers import DeploymentTriggerTypes
+    from pydantic import TypeAdapter
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     wanted = {_deployment_name(s) for s in schedule}
@@ -181,7 +182,7 @@ def apply(client, *, schedule: Iterable[str] = (), memory_slots: int = 1, build_
             pull_steps=[])
         client.delete_resource_owned_automations(f"prefect.deployment.{deployment_id}")
         for spec in d.get("triggers", []):
-            trigger = DeploymentTriggerAdapter.validate_python(spec)
+            trigger = TypeAdapter(DeploymentTriggerTypes).validate_python(spec)
             trigger.set_deployment_id(deployment_id)
             client.create_automation(trigger.as_automation())
         if on_deployment is not None:

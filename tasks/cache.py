@@ -319,8 +319,18 @@ def lock_manager(store_root: str | Path) -> Any:
 def _record_storage(api_url: str | None, records: str) -> JsonRecordStorage:
     """The result-storage block for a records folder, saved on the server (Prefect requires a
     task's storage block to be saved); one block document per store, saved once per process."""
+    from prefect.exceptions import ObjectAlreadyExists
+
     block = JsonRecordStorage(basepath=records)
-    block.save("zhllama-results-" + sha256_bytes(records.encode())[:12], overwrite=True)
+    name = "zhllama-results-" + sha256_bytes(records.encode())[:12]
+    for attempt in range(5):
+        try:
+            block.save(name, overwrite=True)
+            return block
+        except ObjectAlreadyExists:  # another run registered the type or the document a moment earlier
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     return block
 
 

@@ -186,7 +186,8 @@ def test_upstream_change_triggers_only_that_models_rebuild(deployed, tmp_path):
 
 
 def test_zhllama_server_deploys_everything_and_stops_on_ctrl_c(tmp_path):
-    """`zhllama server`: its own server on 127.0.0.1, pool, limit, all deployments, worker; SIGINT stops all."""
+    """`zhllama server`: its own server on 127.0.0.1, pool, queue, limit, all deployments (printed as each
+    is created; no model rebuild scheduled), worker; SIGINT stops all."""
     import signal
 
     from _prefect_fixtures import free_port
@@ -218,6 +219,25 @@ def test_zhllama_server_deploys_everything_and_stops_on_ctrl_c(tmp_path):
         gcl = subprocess.run([str(VENV_BIN / "prefect"), "gcl", "inspect", "zhllama-memory-heavy"], env=api,
                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert gcl.returncode == 0, gcl.stdout + gcl.stderr
+        # a fresh server schedules no real build: every model's weekly slot is there but inactive
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: api["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+            deps = c.read_deployments()
+            queue = c.read_work_queue_by_name("builds", work_pool_name="zhllama-process")
+            automations = {a.name: a for a in c.read_automations()}
+        active = {d.name for d in deps if any(s.active for s in d.schedules)}
+        assert active == {"check-upstream"}, active
+        models = [d for d in deps if d.name.startswith("build-") and d.name != "build-tiny-demo"]
+        assert models and all(d.schedules and d.work_queue_name == "builds" for d in models)
+        assert len({d.schedules[0].schedule.cron for d in models}) == len(models)  # staggered: no two together
+        assert queue.concurrency_limit == 1  # one real build at a time
+        for d in deps:
+            assert f"deployed build-model/{d.name}" in text or f"deployed check-upstream/{d.name}" in text
+        assert "scheduled: no model rebuilds" in text
+        rebuild = automations["rebuild alpaca-plus-7b when upstream changes"]  # named for people, with a why
+        assert "zhllama.upstream.changed" in rebuild.description and len(automations) == len(models)
         os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=90) == 0
         assert "stopping the worker" in log.read_text(errors="replace")
@@ -225,3 +245,31 @@ def test_zhllama_server_deploys_everything_and_stops_on_ctrl_c(tmp_path):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=3)
     finally:
         stop_process(proc)
+
+
+def test_failed_run_wait_prints_the_failed_stage_and_its_error(deployed, tmp_path):
+    """`zhllama run --wait` of a run that fails in a stage: the stage's name and its own message."""
+    from pipeline_lib import demo
+
+    root = demo.ensure_demo_release(tmp_path / "src")
+    src = {role: {"source": str(root / folder)} for role, folder in demo.ROLES.items()}
+    spec = {"model": "custom", "name": "reversed", "base": src["base"], "loras": [src["lora-1"], src["lora-0"]],
+            "chinese_sp": src["chinese_sp"], "quant_types": ["q4_0"], "evaluation": {"enabled": False},
+            "out_dir": str(tmp_path / "out")}
+    res = subprocess.run([str(VENV_BIN / "zhllama"), "run", "tiny-demo", "--wait", "--param", f"spec={json.dumps(spec)}"],
+                         env={**os.environ, **deployed["server"].env}, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert ": Failed" in res.stdout
+    failed = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("failed:")]
+    assert failed and failed[0].strip().startswith("failed: gguf f16:"), res.stdout
+    assert "LoRA order looks reversed" in failed[0], res.stdout
+    assert "Traceback" not in res.stdout + res.stderr
+
+
+def test_run_of_an_unknown_model_says_which_was_meant(deployed):
+    res = subprocess.run([str(VENV_BIN / "zhllama"), "run", "alpaca-plsu-7b"], env={**os.environ, **deployed["server"].env},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: no model or deployment named 'alpaca-plsu-7b'"), res.stderr
+    assert "did you mean alpaca-plus-7b" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) <= 3

@@ -404,3 +404,51 @@ def test_download_retries_network_errors_but_not_bad_inputs():
     assert STAGES["download"].retries == 2 and STAGES["quantize"].retries == 0
     assert retry_transient(None, None, Failed(data=ConnectionError("reset by peer"))) is True
     assert retry_transient(None, None, Failed(data=IntegrityError("sha256 mismatch"))) is False
+
+
+def test_offline_build_prints_one_error_and_no_traceback(prefect_server, tmp_path):
+    """Through Prefect, hub unreachable: zhllama's one error (Prefect's tracebacks stay in its logs)."""
+    import subprocess
+    import sys
+
+    from _prefect_fixtures import free_port
+
+    env = {**os.environ, **prefect_server.env, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+           "ZHLLAMA_HOME": str(tmp_path / "home")}
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "build", "alpaca-plus-7b", "--no-eval"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    out = res.stdout + res.stderr
+    assert "Traceback" not in out and "Finished in state" not in out, out
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "huggyllama/llama-7b" in errors[0] and "ConnectError" in errors[0], res.stderr
+    assert "what to do:" in res.stderr
+    assert len(out.strip().splitlines()) <= 4, out
+
+
+def test_check_upstream_completes_offline(prefect_server, monkeypatch, caplog):
+    from _prefect_fixtures import free_port
+
+    from flows.upstream import check_upstream
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    state = check_upstream(models=["alpaca-plus-7b"], return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == []
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "upstream check skipped" in r.getMessage()]
+    assert len(warnings) == 1 and "could not be reached" in warnings[0].getMessage()
+
+
+def test_every_cli_option_has_help():
+    import argparse
+
+    from flows.cli.main import build_parser
+
+    parser = build_parser([])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            if not isinstance(a, argparse._HelpAction | argparse._SubParsersAction) and not a.help:
+                missing.append(f"zhllama {name} {'/'.join(a.option_strings) or a.dest}")
+    assert missing == []

@@ -329,7 +329,7 @@ def fingerprint_request(node: StageNode, args: Mapping[str, Any]) -> StageReques
         from ..fingerprint import fingerprint
 
         target = gguf_file(output) if what == "gguf" else output.path / what
-        fp = fingerprint(target)
+        fp = replace(fingerprint(target), source=target.name)  # not the store path: the same file everywhere
         fp.write(tmp / "fingerprint.json")
         return {"digest": fp.digest, "tensors": len(fp.tensors)}
 

@@ -10,7 +10,7 @@ HELP_LINE = ("Type a message and press Enter. Ctrl-C stops a reply; /reset clear
 
 
 def _common(p, *, temp: float, top_k: int, top_p: float, repeat_penalty: float, max_tokens: int) -> None:
-    p.add_argument("model", type=Path, metavar="MODEL.gguf")
+    p.add_argument("model", type=Path, metavar="MODEL.gguf", help="a GGUF model (f16 or quantized)")
     p.add_argument("--template", choices=["alpaca", "plain"],
                    help="prompt template (default: alpaca if the vocabulary holds [PAD], else plain)")
     p.add_argument("--ctx", type=int, default=2048, metavar="N", help="context size (2048, as the release used)")
@@ -20,7 +20,7 @@ def _common(p, *, temp: float, top_k: int, top_p: float, repeat_penalty: float, 
     p.add_argument("--top-k", type=int, default=top_k, help=f"({top_k})")
     p.add_argument("--top-p", type=float, default=top_p, help=f"({top_p})")
     p.add_argument("--repeat-penalty", type=float, default=repeat_penalty, help=f"({repeat_penalty})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0: the same reply each time)")
     p.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: physical cores)")
     p.add_argument("--show-prompt", action="store_true",
                    help="print the exact model input (with the chat history) to stderr before each reply")

@@ -21,7 +21,8 @@ def register(sub) -> None:
         ".zip/.tar.gz archive (extracted safely). Every file is checked against the hub's own digest "
         "and the release's official sha256 when known; a mismatch is downloaded once more, then fails.",
     )
-    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("source", metavar="SOURCE", help="hub repo owner/name (or hf://owner/name@rev), an http(s) URL, "
+                   "a local folder or a .zip/.tar.gz archive")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to put the files in")
     p.add_argument("--revision", metavar="REV", help="hub branch, tag or commit sha (default: main)")
     p.add_argument("--include", action="extend", nargs="+", metavar="GLOB",

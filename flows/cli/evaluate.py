@@ -64,7 +64,7 @@ def register(sub) -> None:
     p.add_argument("--speed-gen", type=int, default=ev.DEFAULT_SPEED_GEN, metavar="N",
                    help=f"speed test: generated tokens (tg; {ev.DEFAULT_SPEED_GEN})")
     p.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: physical cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (greedy samples do not depend on it; default 0)")
     p.add_argument("--name", action="append", default=[], metavar="NAME",
                    help="display name per model, in order (default: the GGUF file type, e.g. q4_0)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")

@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--format", choices=("hf", "pth"), default="hf", help="hf: safetensors shards (default); "
                    "pth: Meta consolidated.NN.pth, byte for byte as the release wrote them")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="dtype of the merged weights (default float16, as the release)")
     p.add_argument("--precise", action="store_true",
                    help="float32 accumulation with one rounding at the end (PEFT's float32 merge) instead of the "
                    "release's fp16 rounding after each LoRA; the result then differs from the official files")

@@ -75,11 +75,13 @@ def deploy_all(*, schedule: list[str], memory_slots: int = 1, build_slots: int =
 
 
 def _print_scheduled(scheduled: list[str]) -> None:
-    if scheduled:
-        print("scheduled: " + "; ".join(scheduled))
+    builds = [s for s in scheduled if not s.startswith("check-upstream/")]
+    if builds:
+        print("scheduled: " + "; ".join(builds))
     else:
-        print("scheduled: no model rebuilds (check-upstream runs daily and triggers a rebuild when a hub repo "
-              "moves; `zhllama schedule MODEL on` adds a weekly one)")
+        print("scheduled: no model rebuilds (`zhllama schedule MODEL on` adds a weekly one)")
+    if len(builds) < len(scheduled):
+        print("check-upstream runs daily (02:00 UTC) and triggers the rebuild of a model whose hub repos moved")
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

@@ -122,9 +122,9 @@ def prefect_server(tmp_path_factory):
             yield server
     finally:
         try:  # send this process's pending run logs while the server is still up
-            from prefect.logging.handlers import APILogHandler
+            from prefect.logging.handlers import APILogWorker
 
-            APILogHandler.flush()
+            APILogWorker.drain_all(timeout=10)
         except Exception:
             pass
         for k, v in saved.items():

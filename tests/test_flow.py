@@ -426,8 +426,17 @@ def test_offline_build_prints_one_error_and_no_traceback(prefect_server, tmp_pat
     assert len(out.strip().splitlines()) <= 4, out
 
 
-def test_check_upstream_completes_offline(prefect_server, monkeypatch, caplog):
+def test_check_upstream_completes_offline(prefect_server, monkeypatch):
+    """Offline, the daily check logs one warning (in the run's Prefect logs) and completes: no failure, no retry."""
     from _prefect_fixtures import free_port
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        LogFilter,
+        LogFilterFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
+    from prefect.logging.handlers import APILogWorker
 
     from flows.upstream import check_upstream
 
@@ -435,8 +444,14 @@ def test_check_upstream_completes_offline(prefect_server, monkeypatch, caplog):
     state = check_upstream(models=["alpaca-plus-7b"], return_state=True)
     assert state.is_completed(), state.message
     assert state.result() == []
-    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "upstream check skipped" in r.getMessage()]
-    assert len(warnings) == 1 and "could not be reached" in warnings[0].getMessage()
+    APILogWorker.drain_all(timeout=10)
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run_id])))
+    skipped = [lg for lg in logs if "upstream check skipped" in lg.message]
+    assert len(skipped) == 1 and "could not be reached" in skipped[0].message and skipped[0].level == 30
+    assert [t.state.name for t in tasks] == ["Completed"] and tasks[0].run_count == 1  # not retried
 
 
 def test_every_cli_option_has_help():

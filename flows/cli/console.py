@@ -127,9 +127,9 @@ def drain_prefect() -> None:
 
         EventsWorker.drain_all(timeout=10)
     with contextlib.suppress(Exception):
-        from prefect.logging.handlers import APILogHandler
+        from prefect.logging.handlers import APILogWorker
 
-        APILogHandler.flush()
+        APILogWorker.drain_all(timeout=10)
 
 
 @contextlib.contextmanager

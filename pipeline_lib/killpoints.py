@@ -11,7 +11,9 @@ Events are ticked in shared places, so every stage has them without code of its 
 - ``tensor``: one tensor written or quantized (:mod:`pipeline_lib.progress` bars and callbacks);
 - ``mib``: one MiB written or downloaded (progress bars, the download byte loops);
 - ``file``: one output file committed to the artifact store (:mod:`pipeline_lib.store`);
-- ``stage``: one stage of a build started (the build executor), and any other kind a caller ticks.
+- ``stage``: one stage of a build started (``pipeline.stages.run_stage``, both executors);
+- ``publish``: one file copied into a build's staged output folder (``pipeline.publishing``);
+- and any other kind a caller ticks.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ from .fsutil import (
     remove_path,
     sha256_bytes,
     sha256_file,
+    sweep_leftovers,
     tmp_name,
     write_failed_for_space,
     write_text_atomic,
@@ -413,6 +414,9 @@ class Store:
     def _produce(self, key: str, *, stage: str, version: str, inputs: dict, params: dict,
                  produce: Callable[[Path], Mapping[str, Any] | None]) -> Entry:
         self.artifacts.mkdir(parents=True, exist_ok=True)
+        # Under the key lock, a temporary of this key is a killed producer's (this host, pid gone):
+        # remove it now rather than waiting for `cache gc`.
+        sweep_leftovers(self.artifacts / key)
         tmp = self.artifacts / tmp_name(key)
         os.mkdir(tmp)
         try:
@@ -561,33 +565,43 @@ class Store:
         return removed
 
     def _gc_locks(self, *, dry_run: bool) -> list[str]:
-        """Remove lock files no process holds (taking each one first; see KeyLock)."""
-        removed = []
+        """Remove lock files no process holds, in every lock folder of the store (see LOCK_DIRS)."""
+        return [r for d in LOCK_DIRS for r in remove_unheld_locks(self.root / d, dry_run=dry_run)]
+
+
+# Folders of flock lock files under a store's root: the store's key locks, and the Prefect executor's
+# transaction locks (tasks.cache.FlockLockManager keeps KeyLock files there). `cache gc` sweeps both.
+LOCK_DIRS: tuple[str, ...] = ("locks", "prefect/locks")
+
+
+def remove_unheld_locks(folder: Path, *, dry_run: bool = False) -> list[str]:
+    """Remove the lock files in ``folder`` that no process holds (each is taken first; see KeyLock)."""
+    removed = []
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if not name.endswith((".lock", ".use")):
+            continue
+        p = folder / name
+        lk = KeyLock(p, timeout=0)
         try:
-            names = sorted(os.listdir(self.locks))
-        except FileNotFoundError:
-            return removed
-        for name in names:
-            if not name.endswith((".lock", ".use")):
-                continue
-            p = self.locks / name
-            lk = KeyLock(p, timeout=0)
-            try:
-                if os.path.islink(p):  # never ours: a planted link is removed, not followed
-                    removed.append(f"stale lock {name}")
-                    if not dry_run:
-                        p.unlink(missing_ok=True)
-                    continue
-                lk.acquire()
-            except (TimeoutError, OSError):
-                continue  # held by a running process: it keeps its lock
-            try:
+            if os.path.islink(p):  # never ours: a planted link is removed, not followed
                 removed.append(f"stale lock {name}")
                 if not dry_run:
-                    p.unlink(missing_ok=True)  # while held: a waiter re-checks and locks a new file
-            finally:
-                lk.release()
-        return removed
+                    p.unlink(missing_ok=True)
+                continue
+            lk.acquire()
+        except (TimeoutError, OSError):
+            continue  # held by a running process: it keeps its lock
+        try:
+            removed.append(f"stale lock {name}")
+            if not dry_run:
+                p.unlink(missing_ok=True)  # while held: a waiter re-checks and locks a new file
+        finally:
+            lk.release()
+    return removed
 
 
 def _rmtree(path: Path) -> None:

@@ -12,22 +12,18 @@
   record naming another serializer) is refused and the stage recomputes: whoever can write the
   cache cannot make the next build run code.
 * **Locks die with their holder.** ``FlockLockManager`` implements Prefect's transaction locks
-  with ``flock(2)`` on files in ``$ZHLLAMA_HOME/prefect/locks``: the kernel releases a lock when its
-  process dies, so a build killed while a stage held its lock never blocks later runs.
-  (``ZHLLAMA_LOCKS=redis://…`` selects Redis instead, for several hosts; see ``tasks.locks``.)
+  with the store's ``flock`` locks (KeyLock) in ``$ZHLLAMA_HOME/prefect/locks``: the kernel releases a lock when its
+  process dies, so a build killed while a stage held its lock never blocks later runs, and
+  ``zhllama cache gc`` removes the lock files no process holds.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import logging
-import os
-import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +36,7 @@ from prefect.transactions import IsolationLevel
 
 from pipeline_lib.fsutil import sha256_bytes, write_bytes_atomic
 from pipeline_lib.pipeline.stages import StageRequest, request_for
-from pipeline_lib.store import Entry, Store
+from pipeline_lib.store import Entry, KeyLock, Store
 
 log = logging.getLogger(__name__)
 
@@ -181,18 +177,16 @@ class JsonRecordStorage(LocalFileSystem):
 
 
 class FlockLockManager:
-    """Prefect's LockManager protocol on ``flock(2)``: a lock is released by the kernel when its
-    holder process dies, so no lock is ever stale.
+    """Prefect's LockManager protocol on the store's ``flock`` locks (``pipeline_lib.store.KeyLock``):
+    the kernel releases a lock when its holder process dies, so no lock is ever stale.
 
-    One open file per held key; ``flock`` locks of two open files conflict even within one process,
-    so threads are excluded too. Lock files are never unlinked while in use: ``cache gc`` removes
-    those no process holds, and an acquirer re-checks that the file it locked is still the one at
-    the path (a gc between open and lock makes it retry).
+    One KeyLock per held key; locks of two open files conflict even within one process, so threads
+    are excluded too. ``cache gc`` removes the lock files no process holds.
     """
 
     def __init__(self, lock_files_directory: Path) -> None:
         self.directory = Path(lock_files_directory)
-        self._held: dict[str, tuple[str, int]] = {}  # key -> (holder, fd)
+        self._held: dict[str, tuple[str, KeyLock]] = {}  # key -> (holder, its lock)
         self._mutex = threading.Lock()
 
     def __getstate__(self) -> dict:  # pickled to other processes (Dask) without its open files
@@ -201,27 +195,8 @@ class FlockLockManager:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["directory"])
 
-    def _path(self, key: str) -> Path:
-        return self.directory / f"{key.replace('/', '_')}.lock"
-
-    def _try(self, key: str) -> int | None:
-        """Open and lock the key's file without waiting; the fd, or None if someone holds it."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self._path(key)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                return fd
-            os.close(fd)  # removed by gc between our open and our lock: take the new file
+    def _lock(self, key: str, timeout: float) -> KeyLock:
+        return KeyLock(self.directory / f"{key.replace('/', '_')}.lock", timeout=timeout)
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                      hold_timeout: float | None = None) -> bool:
@@ -231,13 +206,12 @@ class FlockLockManager:
                 held = self._held.get(key)
                 if held is not None and held[0] == holder:
                     return True
-                fd = None if held is not None else self._try(key)
-                if fd is not None:
-                    os.ftruncate(fd, 0)
-                    os.write(fd, json.dumps({"holder": holder, "pid": os.getpid(),
-                                             "host": socket.gethostname()}).encode())
-                    self._held[key] = (holder, fd)
-                    return True
+                if held is None:
+                    try:
+                        self._held[key] = (holder, self._lock(key, 0).acquire())
+                        return True
+                    except TimeoutError:
+                        pass
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(0.1)
@@ -254,18 +228,16 @@ class FlockLockManager:
             if held is None or held[0] != holder:
                 raise ValueError(f"No lock held by {holder} for transaction with key {key}")
             del self._held[key]
-            fcntl.flock(held[1], fcntl.LOCK_UN)
-            os.close(held[1])
+            held[1].release()
 
     def is_locked(self, key: str) -> bool:
         with self._mutex:
             if key in self._held:
                 return True
-            fd = self._try(key)
-            if fd is None:
+            try:
+                self._lock(key, 0).acquire().release()
+            except TimeoutError:
                 return True
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
             return False
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
@@ -286,32 +258,8 @@ class FlockLockManager:
         return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
 
 
-def remove_stale_locks(directory: Path, *, dry_run: bool = False) -> list[Path]:
-    """Lock files in ``directory`` that no process holds (``cache gc``); removed unless ``dry_run``."""
-    out = []
-    if not directory.is_dir():
-        return out
-    for path in sorted(directory.glob("*.lock")):
-        fd = os.open(path, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            out.append(path)
-            if not dry_run:
-                path.unlink(missing_ok=True)
-        finally:
-            os.close(fd)
-    return out
-
-
-LockManagerFactory = Callable[[Path], Any]
-
-
 def lock_manager(store_root: str | Path) -> Any:
-    """The transaction lock manager for this store: flock files, or Redis under ZHLLAMA_LOCKS=redis://…"""
+    """The transaction lock manager for this store: flock files beside the store's (pipeline_lib.store.LOCK_DIRS)."""
     return FlockLockManager(prefect_dir(store_root) / "locks")
 
 

@@ -58,7 +58,7 @@ def _copy_entry(entry: Entry, dest_root: Path, name: str) -> Path:
 def _copy_file(src: Path, dst: Path) -> None:
     # A copy, not a hard link: store files are read-only and shared; a user editing a published
     # file must not corrupt the cache.
-    killpoints.tick("file")
+    killpoints.tick("publish")
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
     os.chmod(dst, 0o644)

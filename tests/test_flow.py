@@ -467,3 +467,31 @@ def test_every_cli_option_has_help():
             if not isinstance(a, argparse._HelpAction | argparse._SubParsersAction) and not a.help:
                 missing.append(f"zhllama {name} {'/'.join(a.option_strings) or a.dest}")
     assert missing == []
+
+
+def test_a_mirror_that_echoes_the_token_never_gets_it_printed_or_stored(prefect_server, tmp_path):
+    """Build through Prefect against a mirror whose errors repeat the Authorization header: the token
+    reaches neither the console nor the Prefect database (the flow run's state message and logs)."""
+    import subprocess
+    import sys
+
+    from fakehub import FakeHub
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    token = "hf_SECRETtoken1234567890abcdef"
+    with FakeHub({"test/other": {"x.txt": b"x"}}, echo_auth=True) as hub:  # the build's repos are missing
+        env = {**os.environ, **prefect_server.env, "HF_ENDPOINT": hub.url, "HF_TOKEN": token,
+               "ZHLLAMA_HOME": str(tmp_path / "home")}
+        res = subprocess.run([sys.executable, "-m", "flows.cli", "-vv", "build", "custom-hub", "--base", "test/base",
+                              "--lora", "test/lora", "--no-eval"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "request had Authorization" in res.stderr or "test/base" in res.stderr  # the mirror's error was seen
+    assert token not in res.stdout + res.stderr
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    assert run.state.is_failed()
+    assert token not in (run.state.message or "") and all(token not in lg.message for lg in logs)

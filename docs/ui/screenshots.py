@@ -13,9 +13,11 @@ What it does, as a user would:
 3. for each UI the server serves (V2, the default, under ``/v2``; V1 under ``/``) and for
    ``build-alpaca-plus-7b`` and ``build-tiny-demo``: opens the deployment's page, clicks
    Run -> Custom run, waits for the parameter form and saves a full-height PNG of it;
-4. submits each form untouched and records the parameters the server stored for the new flow run
-   (what the form sends with every override left empty) in ``form-sends.json``: the runs stay
-   Scheduled, no worker picks them up. tests/test_flow.py submits the same parameters in CI.
+4. submits each form untouched and records, in ``form-sends.json``, the parameters the browser
+   POSTed (what the form sends with every override left empty, read from the DevTools network
+   events) and those the server stored for the new flow run: the runs stay Scheduled, no worker
+   picks them up. tests/test_flow.py submits the same parameters to a server in CI;
+5. opens the overrides of build-alpaca-plus-7b (base model source, one LoRA) and screenshots that.
 
 Needs: the project's virtualenv (prefect, httpx, websockets) and ``chromium`` on PATH. Not part of
 CI (CI has no browser); the schema it checks is asserted by tests/test_flow.py.
@@ -189,6 +191,22 @@ class Page:
             await self.send("Input.dispatchMouseEvent", type=kind, x=box["x"], y=box["y"], button="left",
                             buttons=0 if kind == "mouseReleased" else 1, clickCount=1, pointerType="mouse")
 
+    async def posted(self, url_suffix: str) -> list[dict]:
+        """The JSON bodies of the POST requests to ``…url_suffix`` this page sent since the last call
+        (from the Network events; needs Network.enable)."""
+        bodies = []
+        while not self.cdp.events.empty():
+            msg = self.cdp.events.get_nowait()
+            req = msg.get("params", {}).get("request", {})
+            if (msg.get("method") == "Network.requestWillBeSent" and msg.get("sessionId") == self.session
+                    and req.get("method") == "POST" and req.get("url", "").split("?")[0].endswith(url_suffix)):
+                data = req.get("postData")
+                if data is None:
+                    data = (await self.send("Network.getRequestPostData",
+                                            requestId=msg["params"]["requestId"]))["postData"]
+                bodies.append(json.loads(data))
+        return bodies
+
     async def goto(self, url: str) -> None:
         await self.send("Page.navigate", url=url)
         await self.until("document.readyState === 'complete'", f"{url} to load")
@@ -226,6 +244,7 @@ async def new_page(cdp: DevTools) -> Page:
     page = Page(cdp, session)
     await page.send("Page.enable")
     await page.send("Runtime.enable")
+    await page.send("Network.enable")
     await page.send("Emulation.setDeviceMetricsOverride", width=WIDTH, height=900, deviceScaleFactor=1, mobile=False)
     return page
 
@@ -264,6 +283,7 @@ async def shoot(base: str, ws_url: str, out_dir: Path) -> dict[str, Any]:
                 await page.screenshot(shot)
                 print(f"{ui} {name}: {form_url} -> {shot}", flush=True)
                 before = set(flow_runs(base, ids[name]))
+                await page.posted("/create_flow_run")  # forget what came before
                 new: set[str] = set()
                 for _attempt in range(3):  # a click while the form still settles can be lost: click again
                     await page.click_text("Submit")
@@ -276,12 +296,14 @@ async def shoot(base: str, ws_url: str, out_dir: Path) -> dict[str, Any]:
                     text = await page.js("document.body.innerText")
                     raise RuntimeError(f"the {ui} form of {name} created no flow run; the page says:\n{text[:3000]}")
                 run = flow_runs(base, ids[name])[new.pop()]
-                sends[f"{ui} {name}"] = {"url": form_url.removeprefix(base), "parameters": run["parameters"],
+                (body, *_) = await page.posted(f"/deployments/{ids[name]}/create_flow_run") or [{}]
+                sends[f"{ui} {name}"] = {"url": form_url.removeprefix(base).replace(ids[name], "{id}"),
+                                         "sent": body.get("parameters"), "stored": run["parameters"],
                                          "state": run["state"]["name"] if run.get("state") else None}
-                print(f"   submitted untouched: {run['state']['name']}; parameters {json.dumps(run['parameters'])}",
-                      flush=True)
+                print(f"   submitted untouched: {sends[f'{ui} {name}']['state']}; the form sent "
+                      f"{json.dumps(body.get('parameters'))}", flush=True)
             # the same form with overrides opened: a base model source and one LoRA item
-            await page.goto(base + sends[f"{ui} {DEPLOYMENTS[0]}"]["url"])
+            await page.goto(base + sends[f"{ui} {DEPLOYMENTS[0]}"]["url"].replace("{id}", ids[DEPLOYMENTS[0]]))
             await page.until("document.body.innerText.includes('Base model source')", f"the {ui} form again")
             await asyncio.sleep(2.0)
             await page.click_text("Source")  # the first switch: Base model source

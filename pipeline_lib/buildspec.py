@@ -9,7 +9,9 @@ The pseudo-model ``tiny-demo`` names the synthetic release of ``pipeline_lib.dem
 locally, offline); ``custom`` builds the ``base`` and ``loras`` given (named ``name``); any other
 name must be in ``pipeline_lib.catalog`` (display and deployment names are accepted too).
 Choices are enums, defaults are plain values and every field has a title and a description, so
-the JSON schema Prefect renders as the Custom-run form guides the user.
+the JSON schema Prefect renders as the Custom-run form guides the user. A new ``X | None`` field
+takes ``json_schema_extra=_plain_when_empty`` (or ``_switch(...)`` for an object or an enum): see
+the notes above those helpers, docs/orchestration.md ("The form") and docs/ui/screenshots.py.
 """
 
 from __future__ import annotations

@@ -9,13 +9,16 @@ The pseudo-model ``tiny-demo`` names the synthetic release of ``pipeline_lib.dem
 locally, offline); ``custom`` builds the ``base`` and ``loras`` given (named ``name``); any other
 name must be in ``pipeline_lib.catalog`` (display and deployment names are accepted too).
 Choices are enums, defaults are plain values and every field has a title and a description, so
-the JSON schema Prefect renders as the Custom-run form guides the user.
+the JSON schema Prefect renders as the Custom-run form guides the user. A new ``X | None`` field
+takes ``json_schema_extra=_plain_when_empty`` (or ``_switch(...)`` for an object or an enum): see
+the notes above those helpers, docs/orchestration.md ("The form") and docs/ui/screenshots.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -44,6 +47,55 @@ OutType = Literal["f16", "f32", "bf16"]
 TokenizerName = Literal["llama", "alpaca"]
 
 
+# ------------------------------------------------------------------ how the Prefect form draws nullable fields
+#
+# Pydantic writes ``X | None = None`` as ``anyOf: [X, {"type": "null"}], default: null``. Both Prefect
+# UIs draw that as a switch of two tabs labelled by type ("str | None"), set to None over the text
+# 'Property is type "None"'. Two shapes read better; either way the server still accepts an
+# explicit null (what ``run_deployment(parameters={"spec": BuildSpec(...)})`` sends for every
+# override left empty) and what the form sends with the field left alone:
+# * a string, number or list override is written as plain X, not required and with no default (as
+#   pydantic V1 wrote Optional fields): the forms draw an empty input that sends nothing while left
+#   empty, so the default None applies. Prefect's server widens every optional typed property
+#   without a default to X-or-null before it validates parameters
+#   (prefect.utilities.schema_tools.validation.preprocess_schema), so null stays valid.
+# * an override that is an object or an enum keeps the switch, with both tabs titled by what they
+#   mean ("Catalog's | Source") and the empty choice first. Left untouched, a plain object would
+#   be sent half-filled (its sha256 map) and refused; a null added to an enum makes the V2 form
+#   draw a text box instead of a choice, and without it the server would refuse an explicit null.
+
+
+def _plain_when_empty(schema: dict[str, Any]) -> None:
+    """json_schema_extra of an ``X | None = None`` field: written as X, optional, with no default."""
+    options = schema.pop("anyOf")
+    (kept,) = (o for o in options if o.get("type") != "null")
+    if schema.pop("default", None) is not None:
+        raise TypeError("_plain_when_empty is for fields whose default is None")
+    schema.update({k: v for k, v in kept.items() if k not in schema})
+
+
+def _switch(none_title: str, value_title: str | None = None, *,
+            none_description: str | None = None) -> Callable[[dict[str, Any]], None]:
+    """json_schema_extra of a nullable field drawn as a switch: its tabs titled by what they mean,
+    the null one first when null is the default. ``value_title`` None keeps a model's own title."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        (value,) = (o for o in schema["anyOf"] if o.get("type") != "null")
+        if value_title is not None:
+            value = {**value, "title": value_title}
+        none = {"type": "null", "title": none_title} | ({"description": none_description} if none_description else {})
+        schema["anyOf"] = [none, value] if schema.get("default", 0) is None else [value, none]
+
+    return extra
+
+
+def _without_nulls(schema: dict[str, Any]) -> None:
+    """json_schema_extra of a sub-model field: its default object lists no null (empty) values, so a
+    form pre-filled from it sends none either."""
+    if isinstance(schema.get("default"), dict):
+        schema["default"] = {k: v for k, v in schema["default"].items() if v is not None}
+
+
 def _did_you_mean(value: str, choices: tuple[str, ...]) -> str:
     import difflib
 
@@ -62,7 +114,8 @@ class SourceSpec(BaseModel):
         "or a .zip/.tar.gz archive",
         min_length=1,
     )
-    revision: str | None = Field(None, title="Revision", description="hub branch, tag or commit; empty: main")
+    revision: str | None = Field(None, title="Revision", description="hub branch, tag or commit; empty: main",
+                                 json_schema_extra=_plain_when_empty)
     sha256: dict[str, str] = Field(
         {}, title="Expected SHA256",
         description="file name -> expected SHA256 (official values; adds to the catalog's)",
@@ -87,7 +140,8 @@ class EvalOptions(BaseModel):
     n_ctx: int = Field(512, ge=16, le=32768, title="Context length",
                        description="tokens per perplexity chunk (llama-perplexity's -c)")
     max_chunks: int | None = Field(1, ge=1, title="Chunks", description="perplexity chunks to score (about 4.5 "
-                                   "minutes each for a 7B f16 on 2 cores); empty: the whole text")
+                                   "minutes each for a 7B f16 on 2 cores); 'Whole text': all of it",
+                                   json_schema_extra=_switch("Whole text", "Count"))
     generate: bool = Field(True, title="Generation samples", description="decode sample answers to the packaged "
                            "prompts")
     samples_per_category: int = Field(1, ge=0, le=50, title="Samples per category",
@@ -100,9 +154,9 @@ class EvalOptions(BaseModel):
     speed_gen_tokens: int = Field(16, ge=1, le=4096, title="Speed test generation",
                                   description="tokens generated by the speed test (tg)")
     threads: int | None = Field(None, ge=1, le=512, title="Threads", description="llama.cpp threads; empty: the "
-                                "physical cores this process may use")
+                                "physical cores this process may use", json_schema_extra=_plain_when_empty)
     text: str | None = Field(None, title="Evaluation text", description="a UTF-8 text file; empty: the packaged "
-                             "held-out Chinese and English text")
+                             "held-out Chinese and English text", json_schema_extra=_plain_when_empty)
 
 
 class BuildSpec(BaseModel):
@@ -123,17 +177,26 @@ class BuildSpec(BaseModel):
                                        description="types of the legacy GGML files (with 'ggml' in outputs)",
                                        json_schema_extra={"uniqueItems": True})
     evaluation: EvalOptions = Field(EvalOptions(), title="Evaluation",
-                                    description="perplexity, KL and speed of each GGUF variant, and samples")
+                                    description="perplexity, KL and speed of each GGUF variant, and samples",
+                                    json_schema_extra=_without_nulls)
     out_dir: str | None = Field(None, title="Output folder", description="where the finished build is "
-                                "published; empty: $ZHLLAMA_HOME/builds/MODEL")
+                                "published; empty: $ZHLLAMA_HOME/builds/MODEL", json_schema_extra=_plain_when_empty)
     base: SourceSpec | None = Field(None, title="Base model source", description="override the catalog's base "
-                                    "LLaMA (a hub repo, a local folder, a URL or an archive)")
+                                    "LLaMA (a hub repo, a local folder, a URL or an archive)",
+                                    json_schema_extra=_switch("Catalog's", none_description="the base LLaMA of the "
+                                                              "catalog (or of the demo), with its official SHA256"))
     loras: list[SourceSpec] | None = Field(None, title="LoRA sources", description="override the catalog's LoRAs, "
-                                           "in merge order (LLaMA-Plus first for Plus/Pro Alpaca)")
+                                           "in merge order (LLaMA-Plus first for Plus/Pro Alpaca); no items: the "
+                                           "catalog's", json_schema_extra=_plain_when_empty)
     chinese_sp: SourceSpec | None = Field(None, title="chinese_sp.model source", description="the Chinese "
-                                          "sentencepiece model the tokenizer is merged from; empty: the release's")
+                                          "sentencepiece model the tokenizer is merged from",
+                                          json_schema_extra=_switch("Release's", none_description="the release's "
+                                                                    "chinese_sp.model, with its official SHA256"))
     tokenizer: TokenizerName | None = Field(None, title="Tokenizer kind", description="llama (49953 pieces) or "
-                                            "alpaca (49954, with [PAD]); empty: the model's")
+                                            "alpaca (49954, with [PAD])",
+                                            json_schema_extra=_switch("Model's", "Choose", none_description="llama "
+                                                                      "for the LLaMA models, alpaca for the Alpaca "
+                                                                      "ones"))
     outtype: OutType = Field("f16", title="GGUF float type", description="the float GGUF quantizations start from")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", title="Merged dtype",
                                                              description="dtype of the merged weights")
@@ -145,7 +208,8 @@ class BuildSpec(BaseModel):
                                    description="fail the build when a merged pth or the tokenizer differs from the "
                                    "release's published SHA256 (else it is reported)")
     name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", title="Build name",
-                             description="name of a custom build (files and folder are named after it)")
+                             description="name of a custom build (files and folder are named after it)",
+                             json_schema_extra=_plain_when_empty)
 
     @field_validator("model", mode="before")
     @classmethod

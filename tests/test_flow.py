@@ -81,6 +81,106 @@ def test_flow_parameters_render_as_a_guiding_form():
         assert "<" not in prop["description"], f"{name}: the V1 UI eats <...> in descriptions"
     assert spec["required"] == ["model"]
 
+    # How nullable fields are drawn (docs/ui/ shows both UIs). A scalar or list override whose empty
+    # value is None is its plain type, optional and without a default: the form draws an empty
+    # input and sends nothing for it, instead of an "X | None" switch over 'Property is type "None"'.
+    source = _resolve(schema, {"$ref": "#/definitions/SourceSpec"})["properties"]
+    plain = {"out_dir": props["out_dir"], "name": props["name"], "loras": props["loras"],
+             "evaluation.threads": props["evaluation"]["properties"]["threads"],
+             "evaluation.text": props["evaluation"]["properties"]["text"], "source.revision": source["revision"]}
+    for name, prop in plain.items():
+        assert "anyOf" not in prop and "default" not in prop, f"{name} would render as a None switch"
+        assert prop["type"] in {"string", "integer", "array"}, name
+    assert plain["evaluation.threads"]["minimum"] == 1 and plain["name"]["pattern"]  # constraints kept
+    assert props["loras"]["items"] == {"$ref": "#/definitions/SourceSpec"}
+    # An object or enum override keeps the switch (left alone, a plain object form would send a
+    # half-filled SourceSpec; a null among an enum's values turns the V2 choice into a text box),
+    # with every tab titled by what it means, the empty choice first when it is the default.
+    switches = {"base": ("Catalog's", None), "chinese_sp": ("Release's", None), "tokenizer": ("Model's", None),
+                "evaluation.max_chunks": ("Whole text", 1)}
+    for name, (none_title, default) in switches.items():
+        prop = props[name] if "." not in name else props["evaluation"]["properties"][name.split(".")[1]]
+        none = next(o for o in prop["anyOf"] if o.get("type") == "null")
+        assert none["title"] == none_title and prop["default"] == default, name
+        assert (prop["anyOf"][0] is none) == (default is None), name
+        for option in prop["anyOf"]:  # a tab's label: its title, else its type ("None", "str")
+            assert _resolve(schema, option).get("title"), f"{name}: an untitled tab"
+    assert props["tokenizer"]["anyOf"][1]["enum"] == ["llama", "alpaca"]
+    # nothing else anywhere is drawn as a None switch, and no default the form pre-fills holds a null
+    every = [*props.items(), *((f"evaluation.{k}", v) for k, v in props["evaluation"]["properties"].items()),
+             *((f"source.{k}", v) for k, v in source.items())]
+    assert {n for n, p in every if any(o.get("type") == "null" for o in p.get("anyOf", []))} == set(switches)
+    assert None not in props["evaluation"]["default"].values()
+
+
+def _prefect_validation_errors(parameters: dict) -> list[str]:
+    """What Prefect's server-side check (enforce_parameter_schema) says of these run parameters."""
+    from prefect.utilities.schema_tools import validate
+
+    from flows.build import build_model
+
+    return [e.message for e in validate(parameters, build_model.parameters.model_dump())]
+
+
+def test_the_parameter_schema_accepts_empty_overrides_as_prefect_validates_it():
+    """Plain optional types stay nullable for Prefect's server: a spec dumped with every override
+    None (what ``run_deployment(parameters={"spec": BuildSpec(...)})`` sends) is valid, and so is
+    every explicit null the model accepts; bad values are still refused before a worker starts."""
+    assert _prefect_validation_errors({"spec": BuildSpec(model="alpaca-plus-7b").model_dump(mode="json")}) == []
+    assert _prefect_validation_errors({"spec": demo.demo_spec().model_dump(mode="json")}) == []
+    nulls = {"out_dir": None, "name": None, "loras": None, "base": None, "chinese_sp": None, "tokenizer": None,
+             "evaluation": {"threads": None, "text": None, "max_chunks": None}}
+    assert _prefect_validation_errors({"spec": {"model": "alpaca-plus-7b", **nulls}}) == []
+    custom = {"model": "custom", "name": "mine", "base": {"source": "a/b", "revision": None},
+              "loras": [{"source": "c/d", "revision": "main"}]}
+    assert _prefect_validation_errors({"spec": custom}) == []
+    BuildSpec.model_validate({"model": "alpaca-plus-7b", **nulls})  # and the flow itself takes them
+    for bad, why in [({"quant_types": ["q4_9"]}, "'q4_9' is not one of"), ({"tokenizer": "x"}, "'x' is not valid under any"),
+                     ({"evaluation": {"threads": 0}}, "less than the minimum"), ({"name": "-x"}, "does not match"),
+                     ({"base": {}}, "is not valid under any"), ({"loras": [{}]}, "'source' is a required")]:
+        errors = _prefect_validation_errors({"spec": {"model": "alpaca-plus-7b", **bad}})
+        assert any(why in e for e in errors), (bad, errors)
+
+
+FORM_SENDS = Path(__file__).resolve().parent.parent / "docs" / "ui" / "form-sends.json"
+
+
+def test_the_server_accepts_what_the_custom_run_form_sends(prefect_server):
+    """The parameters each Prefect UI's Custom-run form POSTed when submitted untouched (recorded
+    in a real browser by docs/ui/screenshots.py) create a run on a deployment that enforces the
+    parameter schema; so does a BuildSpec with every override None; a bad value gets a 409."""
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    from flows import deployments
+    from flows.build import build_model
+
+    sends = json.loads(FORM_SENDS.read_text(encoding="utf-8"))
+    assert {k.split()[0] for k in sends} == {"v1", "v2"}, "both UIs' forms were recorded"
+    wanted = {d["name"]: d for d in deployments.deployments()}
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(build_model)
+        ids = {}
+        for name in {k.split()[1] for k in sends}:
+            ids[name] = client.create_deployment(
+                flow_id, f"form-{name}", parameters=wanted[name]["parameters"], enforce_parameter_schema=True,
+                parameter_openapi_schema=build_model.parameters.model_dump(), entrypoint=deployments.BUILD_ENTRYPOINT)
+        for what, sent in sends.items():
+            name = what.split()[1]
+            spec = sent["sent"]["spec"]
+            assert spec["model"] == wanted[name]["parameters"]["spec"]["model"], what
+            assert not ({"out_dir", "name", "loras"} & spec.keys()), f"{what}: the form sent an empty override"
+            run = client.create_flow_run_from_deployment(ids[name], parameters=sent["sent"])
+            assert run.parameters == sent["sent"], what
+            built = BuildSpec.model_validate(run.parameters["spec"])
+            assert built.base is built.loras is built.chinese_sp is built.tokenizer is None, what  # the catalog's
+        everything_none = {"spec": BuildSpec(model="alpaca-plus-7b").model_dump(mode="json")}
+        assert client.create_flow_run_from_deployment(ids["build-alpaca-plus-7b"], parameters=everything_none)
+        with pytest.raises(httpx.HTTPStatusError, match="409") as refused:
+            client.create_flow_run_from_deployment(
+                ids["build-alpaca-plus-7b"], parameters={"spec": {"model": "alpaca-plus-7b", "quant_types": ["q4_9"]}})
+        assert "q4_9" in refused.value.response.text
+
 
 def test_deployments_yaml_is_in_sync_with_the_catalog():
     import yaml

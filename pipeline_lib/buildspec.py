@@ -96,6 +96,22 @@ def _without_nulls(schema: dict[str, Any]) -> None:
         schema["default"] = {k: v for k, v in schema["default"].items() if v is not None}
 
 
+def _choices(value: object, allowed: tuple[str, ...], *, what: str, ignore_case: bool = False) -> object:
+    """A list of choices, each one of ``allowed`` (spelled as there), without repeats; a message that
+    names the bad one and the closest choice otherwise. Anything but a list is left to pydantic."""
+    if not isinstance(value, list | tuple):
+        return value
+    by_key = {(t.lower() if ignore_case else t): t for t in allowed}
+    out = []
+    for t in value:
+        key = t.lower() if ignore_case and isinstance(t, str) else t
+        if not isinstance(t, str) or key not in by_key:
+            raise ValueError(f"unknown {what} {t!r}{_did_you_mean(str(key), tuple(by_key))}; "
+                             f"choose from {', '.join(allowed)}")
+        out.append(by_key[key])
+    return list(dict.fromkeys(out))
+
+
 def _did_you_mean(value: str, choices: tuple[str, ...]) -> str:
     import difflib
 
@@ -234,26 +250,12 @@ class BuildSpec(BaseModel):
     @field_validator("quant_types", mode="before")
     @classmethod
     def _quant_types(cls, value: object) -> object:
-        if not isinstance(value, list | tuple):
-            return value
-        lowered = {t.lower(): t for t in QUANT_TYPES}
-        out = []
-        for t in value:
-            if not isinstance(t, str) or t.lower() not in lowered:
-                raise ValueError(f"unknown quantization type {t!r}{_did_you_mean(str(t).lower(), tuple(lowered))}; "
-                                 f"choose from {', '.join(QUANT_TYPES)}")
-            out.append(lowered[t.lower()])
-        return list(dict.fromkeys(out))
+        return _choices(value, QUANT_TYPES, what="quantization type", ignore_case=True)
 
     @field_validator("ggml_types", mode="before")
     @classmethod
     def _ggml_types(cls, value: object) -> object:
-        if not isinstance(value, list | tuple):
-            return value
-        for t in value:
-            if t not in GGML_TYPES:
-                raise ValueError(f"unknown legacy GGML type {t!r}; choose from {', '.join(GGML_TYPES)}")
-        return list(dict.fromkeys(value))
+        return _choices(value, GGML_TYPES, what="legacy GGML type")
 
     @model_validator(mode="after")
     def _consistent(self) -> BuildSpec:

@@ -28,3 +28,15 @@ def tiny_release(tmp_path_factory):
     from pipeline_lib.synthetic import make_release
 
     return make_release(tmp_path_factory.mktemp("release"))
+
+
+@pytest.fixture(scope="session")
+def rel(tiny_release):
+    """The tiny release under its short name (merge tests)."""
+    return tiny_release
+
+
+@pytest.fixture(scope="session")
+def chain(tiny_release):
+    """The Plus chain of the tiny release, in merge order: LLaMA-Plus LoRA, then Alpaca-Plus."""
+    return [tiny_release.llama_lora, tiny_release.alpaca_lora]

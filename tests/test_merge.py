@@ -28,16 +28,6 @@ from pipeline_lib.synthetic import (
 
 
 @pytest.fixture(scope="module")
-def rel(tiny_release):
-    return tiny_release
-
-
-@pytest.fixture(scope="module")
-def chain(rel):
-    return [rel.llama_lora, rel.alpaca_lora]
-
-
-@pytest.fixture(scope="module")
 def peft_fp32(rel, chain):
     return peft_merge(rel.base_hf, chain, dtype=torch.float32)
 

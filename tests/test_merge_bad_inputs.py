@@ -19,11 +19,6 @@ import torch
 from pipeline_lib.synthetic import LoraSpec, lora_tensors, save_lora
 
 
-@pytest.fixture(scope="module")
-def rel(tiny_release):
-    return tiny_release
-
-
 def _copy(src: Path, dst: Path) -> Path:
     return Path(shutil.copytree(src, dst))
 

@@ -113,16 +113,6 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def rel(tiny_release):
-    return tiny_release
-
-
-@pytest.fixture(scope="module")
-def chain(rel):
-    return [rel.llama_lora, rel.alpaca_lora]
-
-
 # ------------------------------------------------------------------ arithmetic
 
 

@@ -242,6 +242,9 @@ def load_model(model_gguf: str | Path, *, n_ctx: int = 2048, n_batch: int | None
     progress bar; the file is then read into the page cache first (see ``prefetch``)."""
     import llama_cpp
 
+    from . import llama_log
+
+    llama_log.install()
     path = _check_gguf(model_gguf)
     n_batch = n_batch or min(n_ctx, 512)
     threads = threads or physical_cores()
@@ -261,6 +264,9 @@ def load_vocab(model_gguf: str | Path):
     checking inputs before a model is loaded."""
     import llama_cpp
 
+    from . import llama_log
+
+    llama_log.install()
     path = _check_gguf(model_gguf)
     try:
         return llama_cpp.Llama(model_path=str(path), vocab_only=True, n_ctx=8, n_batch=8, verbose=False)

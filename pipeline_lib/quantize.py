@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fsutil
+from . import fsutil, llama_log
 from .errors import InputError
 from .fsutil import atomic_path, check_disk_space, human_bytes
 from .gguf_check import first_non_finite, open_gguf
@@ -102,40 +102,18 @@ def gguf_stats(path: Path, reader=None) -> tuple[int, int]:
     return sum(int(t.n_elements) for t in r.tensors), sum(int(t.n_bytes) for t in r.tensors)
 
 
-class _LogProgress:
-    """Route llama.cpp's log lines to a progress callback (and our logger) while quantizing."""
+def _progress_from_log(on_tensor: Callable[[int, int], None]) -> Callable[[str], None]:
+    """A llama_log listener turning llama.cpp's "[ i/ n]" lines into ``on_tensor(i, n)``."""
 
-    def __init__(self, on_tensor: Callable[[int, int], None]) -> None:
-        import llama_cpp
+    def listener(line: str) -> None:
+        m = _PROGRESS_RE.search(line)
+        if m:
+            on_tensor(int(m.group(1)), int(m.group(2)))
 
-        self._llama_cpp = llama_cpp
-        self._on_tensor = on_tensor
-
-        @llama_cpp.llama_log_callback
-        def _cb(level, text, user_data):  # called from llama.cpp, with the GIL
-            try:
-                line = text.decode("utf-8", "replace")
-                m = _PROGRESS_RE.search(line)
-                if m:
-                    self._on_tensor(int(m.group(1)), int(m.group(2)))
-                if line.strip():
-                    log.debug("llama.cpp: %s", line.rstrip())
-            except Exception:  # never raise into C
-                pass
-
-        self._cb = _cb
-
-    def __enter__(self):
-        self._llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
-        return self
-
-    def __exit__(self, *exc):
-        from llama_cpp import _logger
-
-        self._llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    return listener
 
 
-_LOCK = threading.Lock()  # the log callback is process-global: one quantization at a time
+_LOCK = threading.Lock()  # llama.cpp's log is process-global: one quantization at a time, so its lines are its own
 
 
 def quantize_one(src: Path, out: Path, qtype: str, *, threads: int | None = None,
@@ -146,7 +124,7 @@ def quantize_one(src: Path, out: Path, qtype: str, *, threads: int | None = None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[qtype]
     params.nthread = int(threads or 0)  # 0: llama.cpp uses all hardware threads
-    with _LOCK, atomic_path(out) as tmp, _LogProgress(on_tensor or (lambda i, n: None)):
+    with _LOCK, atomic_path(out) as tmp, llama_log.listen(_progress_from_log(on_tensor or (lambda i, n: None))):
         rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params))
         if rc != 0:
             raise _failure(src, out, qtype, rc)

@@ -275,20 +275,25 @@ def merge_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
         total = base.size * (2 if dtype == "float32" else 1)  # about one base's worth of bytes is written
         result = merge(base.path, [e.path for e in loras], out=tmp / fmt, format=fmt, dtype=dtype, precise=precise,
                        progress=_bytes_progress(total, node.label))
-        return {"arithmetic": result.arithmetic, "audit": _audit(result.audit), "result": summary(result)}
+        return {"arithmetic": result.arithmetic, "audit": _audit(result.audit, loras), "result": summary(result)}
 
     return StageRequest("merge", inputs=_weights_inputs(args), params={"format": fmt, "dtype": dtype,
                                                                        "precise": precise},
                         produce=produce, label=node.label)
 
 
-def _audit(audit: Any) -> dict | None:
+def _audit(audit: Any, loras: Sequence[Entry]) -> dict | None:
     """The post-merge audit (merge.AuditResult) for the entry's manifest meta: metadata, not an output,
-    so a one-pass GGUF keeps the content digest of the same GGUF converted from a checkpoint."""
+    so a one-pass GGUF keeps the content digest of the same GGUF converted from a checkpoint.
+    The LoRAs are named by role and source, not by their store folders."""
     if audit is None:
         return None
-    return {"summary": audit.summary, "ok": audit.ok, "tensors_checked": audit.tensors_checked,
-            "rows": list(audit.rows)}
+    doc = json.dumps({"summary": audit.summary, "ok": audit.ok, "tensors_checked": audit.tensors_checked,
+                      "rows": list(audit.rows)})
+    for i, e in enumerate(loras):
+        shown = f"lora-{i} ({Path(str(e.meta.get('source') or e.path.name)).name})"
+        doc = doc.replace(json.dumps(e.path.name)[1:-1], shown)
+    return json.loads(doc)
 
 
 def gguf_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
@@ -312,7 +317,8 @@ def gguf_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
         result = convert(source, out=tmp / p["file"], outtype=p["outtype"], name=p["name"],
                          on_progress=_bytes_progress(total * (2 if p["outtype"] == "f32" else 1), node.label))
         return {"file": p["file"], "one_pass": merged is None, "result": summary(result),
-                "audit": _audit(plan.audit.result) if plan is not None and plan.audit is not None else None}
+                "audit": _audit(plan.audit.result, args["loras"]) if plan is not None and plan.audit is not None
+                else None}
 
     inputs = {"merged": digest(merged)} if merged is not None else _weights_inputs(args)
     params = {"outtype": p["outtype"], "dtype": p["dtype"], "file": p["file"]}

@@ -260,6 +260,16 @@ CASES: list[Case] = [
     Case("build-bad-ggml-type", lambda fx: ["build", "tiny-demo", "--output", "ggml", "--ggml-type", "q4_K",
                                             "--out", str(fx.dir / "b")],
          "unknown legacy GGML type 'q4_K'", "see `zhllama build --help`", _out("b"), "build spec"),
+    # --- whole builds: what the user gets from `zhllama build` --------------------------------------------
+    Case("build-out-is-the-base", lambda fx: ["build", "chain", *_base_args(fx, base=fx.p("base-copy")), "--no-prefect",
+                                              "--no-eval", "--out", str(fx.p("base-copy"))],
+         "the build folder \\(--out\\) .*base-copy", "choose", _fix("base-copy"), "builds"),
+    Case("build-lora-order-reversed", lambda fx: ["build", "chain", *_base_args(fx, loras=("alpaca", "llama")),
+                                                  "--no-prefect", "--no-eval", "--out", str(fx.dir / "b")],
+         "LoRA order looks reversed", "give the LLaMA\\(-Plus\\) LoRA first", _out("b"), "builds"),
+    Case("build-server-start-timeout", lambda fx: ["build", "tiny-demo", "--no-eval", "--out", str(fx.dir / "b")],
+         "the Prefect server did not answer on .* within 0 s", "raise ZHLLAMA_SERVER_TIMEOUT", _out("b"), "builds",
+         env=lambda fx: {"ZHLLAMA_SERVER_TIMEOUT": "0.001"}),
     # --- a nearly full disk: a real 2 MiB filesystem -------------------------------------------------------
     Case("full-disk-convert", lambda fx: ["convert", *_base_args(fx), "--out", str(fx.small / "m.gguf")],
          "not enough disk space for GGUF file m.gguf at .*: .* free", "free some space", lambda fx: fx.small / "m.gguf",

@@ -135,8 +135,8 @@ def apply(client, *, schedule: Iterable[str] = (), memory_slots: int = 1, build_
     from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.events.schemas.deployment_triggers import DeploymentTriggerTypes
-    from pydantic import TypeAdapter
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from pydantic import TypeAdapter
 
     wanted = {_deployment_name(s) for s in schedule}
     unknown = wanted - {d["name"] for d in deployments()}

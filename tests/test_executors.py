@@ -87,10 +87,11 @@ def test_both_executors_give_the_same_keys_and_files(release, prefect_server, mo
     assert published["plain"] == published["prefect"]
     rel = {name: {p.relative_to(r.out_dir).as_posix() for p in r.published} for name, r in results.items()}
     assert rel["plain"] == rel["prefect"]
-    expect = {"tokenizer", "official.json"} | {f for f in ("hf", "pth") if f in outputs}
+    expect = {"tokenizer", "official.json", "README.md"} | {f for f in ("hf", "pth") if f in outputs}
     expect |= {f"fingerprints/{f}.json" for f in ("hf", "pth", "gguf") if f in outputs}
     if "gguf" in outputs:
         expect |= {"parity-f16.gguf", "parity-q4_0.gguf"} | ({"report"} if evaluation else set())
+        expect |= {"Modelfile", "Modelfile.f16", "Modelfile.q4_0"}  # Ollama: one per GGUF, the default one
     if "ggml" in outputs:
         expect |= {"parity-ggml-q4_0.bin"}
     assert rel["plain"] == expect | {"build-lock.json"}

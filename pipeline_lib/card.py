@@ -184,7 +184,8 @@ def _source_text(s: Mapping[str, Any] | None) -> str:
 def _files(c: CardInputs) -> list[str]:
     lines = ["## Files", "", "| file | what |", "|---|---|"]
     order = list(OUTPUT_WORDS)
-    rows = sorted(((n, *_split_kind(k)) for n, k in c.files), key=lambda r: order.index(r[1]))  # stable
+    # by kind (stable: graph order within one), the default `Modelfile` before the per-variant ones
+    rows = sorted(((n, *_split_kind(k)) for n, k in c.files), key=lambda r: (order.index(r[1]), r[0] != "Modelfile"))
     for name, kind, values in rows:
         lines.append(f"| `{name}` | {OUTPUT_WORDS[kind].format(**values)} |")
     return lines + [""]

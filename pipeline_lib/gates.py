@@ -146,7 +146,7 @@ def check(table: Sequence[Mapping[str, Any]], gates: Mapping[str, Mapping[str, A
             continue  # no KL measurement (no reference): nothing to flag
         limit = BROKEN_TOP1_FRACTION * ref_top1
         results.append(GateResult(row["variant"], BROKEN, limit, top1, top1 >= limit, enforce_broken,
-                                  "broken-quantization check (always on)"))
+                                  "broken-quantization check (always checked)"))
     return tuple(results)
 
 

@@ -395,6 +395,8 @@ def rebuild_command(spec: Mapping[str, Any]) -> str | None:
         if key == "ggml_types" and "ggml" not in spec.get("outputs", []):
             continue
         if value != _DEFAULTS[key]:
+            if value == []:  # the command line cannot ask for none of a list
+                return None
             words += [w for v in (value if isinstance(value, list) else [value]) for w in (flag, v)]
     if evaluation.get("enabled") is False:
         words.append("--no-eval")

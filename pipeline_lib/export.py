@@ -271,16 +271,12 @@ def export_webui(build: Build, out: Path, *, variant: str | None = None, overwri
     pattern = "^" + re.escape(build.name.lower()) + "$"  # webui matches patterns against the folder name
     _merge_webui_settings(settings_file, pattern, settings)
     written = tuple(model_dir / rel for rel in files) + (template_file, settings_file)
-    what = "the GGUF " + files_name(files) if v != "hf" else "the HF files"
+    what = "the GGUF " + ", ".join(sorted(files)) if v != "hf" else "the HF files"
     notes = (f"text-generation-webui: start it on {root.parent if root.name == 'user_data' else root} and load "
              f"the model '{build.name}' ({what}); its settings in models/config-user.yaml select the "
              f"instruction template '{template_name}' (instruct mode"
              + (f", context {ctx}" if ctx else "") + ").",)
     return ExportResult("webui", model_dir, written, linked, notes)
-
-
-def files_name(files: Mapping[str, Path]) -> str:
-    return ", ".join(sorted(files))
 
 
 def _source_files(build: Build, variant: str) -> dict[str, Path]:

@@ -505,22 +505,22 @@ def modelfile_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
     """An Ollama Modelfile for one GGUF variant (pipeline_lib.ollama), its num_ctx read from the GGUF."""
     gguf, p = args["gguf"], dict(node.params)
 
+    from .. import __version__
+
+    p["zhllama"] = __version__  # the Modelfile names the version that wrote it
+
     def produce(tmp: Path) -> dict:
-        from .. import __version__
         from ..chat import gguf_context_length
         from ..ollama import render_modelfile
 
         ctx = gguf_context_length(gguf_file(gguf))
         text = render_modelfile(p["file"], template=p["template"], model=p["model"], display=p["display"],
                                 variant=p["variant"], modelfile=p["modelfile"], context_length=ctx or None,
-                                version=__version__)
+                                version=p["zhllama"])
         write_text_atomic(tmp / p["modelfile"], text)
         return {"variant": p["variant"], "num_ctx": ctx}
 
-    from .. import __version__
-
-    return StageRequest("modelfile", inputs={"gguf": digest(gguf)}, params=p | {"zhllama": __version__},
-                        produce=produce, label=node.label)
+    return StageRequest("modelfile", inputs={"gguf": digest(gguf)}, params=p, produce=produce, label=node.label)
 
 
 def card_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:

@@ -173,6 +173,20 @@ class EvalOptions(BaseModel):
                                 "physical cores this process may use", json_schema_extra=_plain_when_empty)
     text: str | None = Field(None, title="Evaluation text", description="a UTF-8 text file; empty: the packaged "
                              "held-out Chinese and English text", json_schema_extra=_plain_when_empty)
+    gates: dict[str, dict[str, float]] | None = Field(
+        None, title="Quality gates", description="variant -> {metric: limit} with metrics max_mean_kl, min_top1, "
+        "max_ppl_ratio, e.g. {\"q4_0\": {\"max_mean_kl\": 0.1}}; a failed gate fails the build. Empty: "
+        "llama.cpp's published KL ranges for catalog models (none for tiny-demo/custom); an entry replaces a "
+        "variant's default ({} turns it off)",
+        json_schema_extra=_switch("Defaults", "Set", none_description="llama.cpp's published KL ranges for catalog "
+                                  "models; none for tiny-demo and custom builds"))
+
+    @field_validator("gates")
+    @classmethod
+    def _gates(cls, value: dict[str, dict[str, float]] | None) -> dict[str, dict[str, float]] | None:
+        from .gates import validate
+
+        return None if value is None else validate(value)
 
 
 class BuildSpec(BaseModel):
@@ -265,6 +279,15 @@ class BuildSpec(BaseModel):
         # simply do not apply to a build that writes only a checkpoint.
         if "gguf" not in self.outputs and self.quant_types and "quant_types" in self.model_fields_set:
             raise ValueError("quant_types needs 'gguf' in outputs (quantization starts from the GGUF file)")
+        gates = self.evaluation.gates or {}
+        unknown = [v for v in gates if v not in self.quant_types]
+        if unknown:
+            raise ValueError(f"evaluation.gates names {', '.join(map(repr, unknown))}, which this build does not "
+                             f"quantize to (quant_types: {', '.join(self.quant_types) or 'none'}); gates apply to "
+                             "the quantized variants, measured against the float reference")
+        if any(gates.values()) and not (self.evaluation.enabled and "gguf" in self.outputs):
+            raise ValueError("evaluation.gates needs the evaluation (evaluation.enabled and 'gguf' in outputs): "
+                             "a gate checks what the evaluation measured")
         return self
 
     @property

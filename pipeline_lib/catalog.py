@@ -57,7 +57,11 @@ FAMILIES: dict[str, dict] = {
 VOCAB_SIZES: dict[str, int] = {"llama": 49953, "alpaca": 49954}
 LLAMA_VOCAB_SIZE = 32000
 
-HUB_OWNER = "ziqingyang"
+# The hub owner of the release's LoRA repos. They moved from ziqingyang/* to hfl/* (the hub answers
+# the old names with a redirect); the old owner stays an alias, so locks, specs and deployment
+# parameters written with either name resolve to the same repo.
+HUB_OWNER = "hfl"
+OLD_HUB_OWNERS: tuple[str, ...] = ("ziqingyang",)
 
 
 @cache
@@ -71,7 +75,7 @@ def release_hashes() -> dict:
 class LoraRef:
     key: str  # "llama-plus"
     release_name: str  # "Chinese-LLaMA-Plus-7B"
-    repo: str  # "ziqingyang/chinese-llama-plus-lora-7b"
+    repo: str  # "hfl/chinese-llama-plus-lora-7b"
     tokenizer: str  # tokenizer kind it ships: "llama" | "alpaca"
     adapter_sha256: str | None
     r: int
@@ -205,8 +209,58 @@ def identify(sha256: str) -> str | None:
     return official_digests().get(sha256.lower())
 
 
+@cache
+def _release_repos() -> frozenset[str]:
+    return frozenset(lora.repo for m in MODELS.values() for lora in m.lora_chain)
+
+
+def canonical_repo(repo: str) -> str:
+    """The current name of a release repo given by its old name (``ziqingyang/chinese-alpaca-plus-lora-7b``
+    -> ``hfl/chinese-alpaca-plus-lora-7b``); any other repo name unchanged. Owner and name compare
+    case-insensitively, as the hub does; only the release's own repos are renamed (another repo of
+    an old owner is left to the hub's redirect)."""
+    owner, sep, name = repo.strip().partition("/")
+    if not sep:
+        return repo
+    if owner.lower() in (o.lower() for o in (HUB_OWNER, *OLD_HUB_OWNERS)):
+        current = f"{HUB_OWNER}/{name.lower()}"
+        if current in _release_repos():
+            return current
+    return repo
+
+
+def canonical_source(source: str) -> str:
+    """A source string with a release repo's old name replaced by the current one, in the ``owner/name``
+    and ``hf://owner/name[@rev]`` forms. Anything else (an existing local path, which wins over an
+    ``owner/name`` look-alike as in ``download.parse_source``; a URL; another repo) is returned as is."""
+    from pathlib import Path
+
+    text = source.strip()
+    prefix = "hf://" if text.startswith("hf://") else ""
+    if not prefix and (text.startswith(("http://", "https://")) or Path(text).expanduser().exists()):
+        return source
+    repo, at, rev = text[len(prefix):].partition("@")
+    models = "models/" if prefix and repo.startswith("models/") else ""
+    repo = repo[len(models):]
+    if repo.count("/") != 1:
+        return source
+    new = canonical_repo(repo)
+    return source if new == repo else f"{prefix}{models}{new}{at}{rev}"
+
+
+def repo_aliases(repo: str) -> tuple[str, ...]:
+    """Every name a release repo has had, current first (``hfl/x``, ``ziqingyang/x``); other repos: itself."""
+    current = canonical_repo(repo)
+    if current not in _release_repos():
+        return (repo,)
+    name = current.split("/", 1)[1]
+    return (current, *(f"{o}/{name}" for o in OLD_HUB_OWNERS))
+
+
 def expected_in_repo(repo: str) -> dict[str, str]:
-    """Official sha256 by filename for a hub repo of the release (LoRA repo or base repo)."""
+    """Official sha256 by filename for a hub repo of the release (LoRA repo or base repo; a LoRA repo's
+    old name is accepted too)."""
+    repo = canonical_repo(repo)
     out: dict[str, str] = {}
     for m in MODELS.values():
         for lora in m.lora_chain:

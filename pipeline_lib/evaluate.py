@@ -65,12 +65,13 @@ import numpy as np
 from . import chat
 from .errors import InputError
 from .fsutil import atomic_path, check_disk_space, human_bytes, sha256_bytes, write_text_atomic
+from .gates import GateResult
 from .gguf_check import open_gguf
 from .progress import bar
 
 log = logging.getLogger(__name__)
 
-REPORT_VERSION = 2  # 2: reference rows from a stored reference pass, memory, bounded speed test
+REPORT_VERSION = 3  # 2: reference rows from a stored reference pass, memory, bounded speed test; 3: gates
 KL_LOG_PROB_FLOOR = -16.0  # llama.cpp ignores reference entries with log p <= -16 in the KL sum
 
 # Defaults sized for a 7B (f16 + q4_0 + q8_0) on a 2-core workstation in under 15 minutes; the
@@ -231,6 +232,7 @@ class Report:
     text: dict
     tokenizers: tuple[TokenizerRow, ...]
     settings: dict = field(default_factory=dict)
+    gates: tuple[GateResult, ...] = ()  # quality gates and broken-quant flags (apply_gates), pass or fail
 
     def variant(self, name: str) -> VariantReport:
         return next(v for v in self.variants if v.name == name)
@@ -1476,6 +1478,15 @@ def combine_reports(paths: Sequence[str | Path], *, out: str | Path, title: str 
                   settings={**base.settings, "title": title or _default_title(variants)})
 
 
+def apply_gates(report: Report, gates: Mapping[str, Mapping[str, Any]], *, enforce_broken: bool) -> Report:
+    """The report with every gate marked pass or fail (``pipeline_lib.gates.check`` on its table): the
+    gates in force (``gates.resolve``'s form) and, for every variant, the broken-quantization flag
+    (top-1 agreement under half the reference's), which fails the build only when ``enforce_broken``."""
+    from .gates import check
+
+    return replace(report, gates=check(report.table(), gates, enforce_broken=enforce_broken))
+
+
 def _default_title(results: Sequence[VariantReport]) -> str:
     stems = sorted({Path(v.model.path).stem for v in results})
     return "zhllama eval: " + (stems[0] if len(stems) == 1 else ", ".join(v.name for v in results))
@@ -1545,6 +1556,32 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 
 
+def render_gates(results: Sequence[GateResult]) -> list[str]:
+    """The "Quality gates" section (markdown lines; none without gates)."""
+    from .gates import BROKEN, METRICS
+
+    if not results:
+        return []
+    lines = ["## Quality gates", "",
+             "| variant | gate | measured | limit | result | limit from |", "|---|---|---:|---:|---|---|"]
+    for g in results:
+        if g.metric == BROKEN:
+            what, measured = "top-1 agreement ≥ 50% of the reference's", g.measured
+            shown = "–" if measured is None else f"{100 * measured:.2f}%"
+            limit = f"{100 * g.limit:.0f}%"
+        else:
+            column, kind, words = METRICS[g.metric]
+            what = f"{words} {'≤' if kind == 'max' else '≥'} (`{g.metric}`)"
+            shown = "–" if g.measured is None else (f"{100 * g.measured:.2f}%" if column == "top1_agreement"
+                                                     else f"{g.measured:.6f}")
+            limit = f"{100 * g.limit:.2f}%" if column == "top1_agreement" else f"{g.limit:g}"
+        result = {"pass": "pass", "FAIL": "**FAIL**"}.get(g.status, "**flagged** (not enforced)")
+        if g.metric == BROKEN and not g.passed:
+            result += ": broken"
+        lines.append(f"| {g.variant} | {what} | {shown} | {limit} | {result} | {g.source} |")
+    return lines + [""]
+
+
 def render_markdown(report: Report, *, plot: bool = True) -> str:
     s = report.settings
     lines = [f"# {s.get('title', 'zhllama eval')}", ""]
@@ -1576,6 +1613,7 @@ def render_markdown(report: Report, *, plot: bool = True) -> str:
         lines.append(f"| {v.name} | {human_bytes(v.model.file_size)} | {v.model.bits_per_weight:.2f} | {ppl} | "
                      f"{ratio} | {kld} | {top} | {dp} |")
     lines += ["", f"![size vs perplexity and KL]({report.plot_path.name})", ""] if plot else [""]
+    lines += render_gates(report.gates)
     if any(v.speed for v in report.variants):
         lines += ["## Speed", "", "| variant | prompt tokens/s | generation tokens/s | threads |", "|---|---:|---:|---:|"]
         for v in report.variants:

@@ -84,6 +84,8 @@ def hub_head(repo: str, revision: str = "main", *, endpoint: str | None = None) 
 def check(models: Sequence[str], *, state_path: str | os.PathLike[str] | None = None,
           resolve: Callable[[str], str] | None = None) -> list[Change]:
     """Compare every repo of ``models`` with the recorded commits; record the new ones."""
+    from . import catalog
+
     path = Path(state_path) if state_path is not None else default_root() / STATE_FILE
     try:
         state: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
@@ -103,11 +105,15 @@ def check(models: Sequence[str], *, state_path: str | os.PathLike[str] | None = 
                     raise HubUnreachable(f"the hub could not be reached to check {repo} ({type(exc).__name__}: {exc})",
                                          fix="nothing to do if this machine is offline; the check runs again "
                                              "tomorrow (set HF_ENDPOINT for a mirror)") from None
-            old = state.get(repo)
+            # the last commit seen, under the repo's current name or a former one (hfl/x was ziqingyang/x)
+            old = next((state[a] for a in catalog.repo_aliases(repo) if a in state), None)
             if old is not None and old != heads[repo]:
                 changes.append(Change(model=model, repo=repo, role=role, old=old, new=heads[repo]))
             elif old is None:
                 log.info("%s: first seen at %s (baseline, no rebuild)", repo, heads[repo][:12])
+    for repo in heads:  # a former name's record is now kept under the current name
+        for alias in catalog.repo_aliases(repo)[1:]:
+            state.pop(alias, None)
     state.update(heads)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(dict(sorted(state.items())), indent=2) + "\n")

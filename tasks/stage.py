@@ -165,7 +165,8 @@ def publish_task(plan, nodes: tuple[StageNode, ...], refs: dict[str, dict[str, A
 
 @task(name="artifacts", cache_policy=NO_CACHE, persist_result=False)
 def post_artifacts(plan, refs: dict[str, dict[str, Any]], stages: list[dict[str, Any]]) -> None:
-    """Table/markdown artifacts: verification results, tokenizer check, stage table, evaluation report."""
+    """Table/markdown artifacts: verification results, tokenizer check, stage table, evaluation report,
+    model card."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from .cache import entry_of
@@ -199,6 +200,14 @@ def post_artifacts(plan, refs: dict[str, dict[str, Any]], stages: list[dict[str,
     if "report" in refs:
         create_markdown_artifact(key=f"{slug}-report", markdown=report_markdown(entry_of(store, refs["report"]).path),
                                  description=f"{name}: evaluation report")
+    if "card" in refs:  # the model card (README.md of the build folder), its plot inlined
+        from pipeline_lib.card import CARD_FILE, inline_plot
+
+        card = (entry_of(store, refs["card"]).path / CARD_FILE).read_text(encoding="utf-8")
+        png = entry_of(store, refs["report"]).path / "report.png" if "report" in refs else None
+        create_markdown_artifact(key=f"{slug}-card", markdown=inline_plot(card, png.read_bytes() if png and
+                                                                           png.is_file() else None),
+                                 description=f"{name}: model card (README.md)")
 
 
 def report_markdown(folder: Path) -> str:

@@ -30,6 +30,10 @@ Fault injection counts GET requests of the file body; ``times=None`` means every
 ``X-Error-Message`` header and JSON body) repeats the request's ``Authorization`` header,
 so tests can check that a token never travels from a server's error text to the user.
 ``hub.fail_api(status=500, times=1)`` answers the next repo-info/tree API calls with that error.
+
+``hub.rename(old, new)`` moves a repo as the real hub does when an owner transfers it: every API and
+``resolve`` request naming the old repo is answered ``307 Temporary Redirect`` with a relative
+``Location`` naming the new one (the real client follows such same-host redirects).
 """
 
 from __future__ import annotations
@@ -275,6 +279,7 @@ class FakeHub(_ServerBase):
         super().__init__()
         self.echo_auth = echo_auth
         self._repos: dict[str, _Repo] = {}
+        self._renamed: dict[str, str] = {}  # old repo id -> new repo id
         self._counter = 0
         for repo, files in (repos or {}).items():
             self.commit(repo, files)
@@ -333,6 +338,13 @@ class FakeHub(_ServerBase):
         with self._lock:
             self._faults[("hub", repo, path)] = _Fault("drop", times, at)
 
+    def rename(self, old: str, new: str) -> None:
+        """Move repo ``old`` to ``new`` (created empty if absent); the old name then redirects (307)."""
+        with self._lock:
+            if old in self._repos and new not in self._repos:
+                self._repos[new] = self._repos.pop(old)
+            self._renamed[old] = new
+
     def fail_api(self, *, status: int = 500, times: int | None = 1) -> None:
         """Answer the next ``times`` repo-info / tree API requests with HTTP ``status``."""
         with self._lock:
@@ -354,9 +366,22 @@ class FakeHub(_ServerBase):
     _API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<rest>.*))?$")
     _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
+    def _redirect(self, h, method: str, path: str, query: str) -> bool:
+        """A 307 to the repo's new name when ``path`` names a renamed repo (what the hub answers)."""
+        for pattern, start in ((self._API, "/api/models/"), (self._RESOLVE, "/")):
+            m = pattern.match(path)
+            if m and m.group("repo") in self._renamed:
+                new = self._renamed[m.group("repo")]
+                location = start + new + path[len(start) + len(m.group("repo")):] + (f"?{query}" if query else "")
+                self._send(h, 307, b"", {"Location": location}, method=method)
+                return True
+        return False
+
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         parts = urlsplit(h.path)
         path, query = parts.path, parse_qs(parts.query)
+        if self._redirect(h, method, path, parts.query):
+            return
         m = self._API.match(path)
         if m:
             fault = self._take_fault(("api",))

@@ -40,7 +40,7 @@ def test_every_hash_is_64_hex():
 def test_chains_are_valid():
     for m in catalog.MODELS.values():
         chain = m.lora_chain
-        assert all(lora.repo.startswith("ziqingyang/") and lora.repo.endswith("-" + m.size.lower()) for lora in chain)
+        assert all(lora.repo.startswith("hfl/") and lora.repo.endswith("-" + m.size.lower()) for lora in chain)
         if m.family in ("alpaca-plus", "alpaca-pro"):
             assert [lora.key for lora in chain] == ["llama-plus", m.family]  # LLaMA-Plus LoRA first
             assert chain[0].tokenizer == "llama" and chain[1].tokenizer == "alpaca"
@@ -55,10 +55,10 @@ def test_chains_are_valid():
 
 def test_named_examples():
     m = catalog.get("alpaca-plus-13b")
-    assert [lo.repo for lo in m.lora_chain] == ["ziqingyang/chinese-llama-plus-lora-13b",
-                                                 "ziqingyang/chinese-alpaca-plus-lora-13b"]
-    assert catalog.get("Chinese-Alpaca-Pro-33B").lora_chain[1].repo == "ziqingyang/chinese-alpaca-pro-lora-33b"
-    assert catalog.get("build-llama-7b").lora_chain[0].repo == "ziqingyang/chinese-llama-lora-7b"
+    assert [lo.repo for lo in m.lora_chain] == ["hfl/chinese-llama-plus-lora-13b",
+                                                 "hfl/chinese-alpaca-plus-lora-13b"]
+    assert catalog.get("Chinese-Alpaca-Pro-33B").lora_chain[1].repo == "hfl/chinese-alpaca-pro-lora-33b"
+    assert catalog.get("build-llama-7b").lora_chain[0].repo == "hfl/chinese-llama-lora-7b"
     assert catalog.get("alpaca-plus-7b").vocab_size == 49954 and catalog.get("llama-plus-7b").vocab_size == 49953
     assert catalog.get("llama-33b").base.hub_repo == "huggyllama/llama-30b"
     assert catalog.expected_in_repo("huggyllama/llama-7b")["pytorch_model-00002-of-00002.bin"].startswith("461bc5e5")

@@ -221,7 +221,7 @@ def test_expected_digest(hub, files, tmp_path):
 
 def test_catalog_official_digest_applies(tmp_path, monkeypatch):
     """A repo the catalog knows: its official adapter sha256 is enforced (this one is not it)."""
-    repo = "ziqingyang/chinese-llama-plus-lora-7b"
+    repo = "hfl/chinese-llama-plus-lora-7b"
     with FakeHub({repo: {"adapter_model.bin": b"not the release", "adapter_config.json": b"{}"}}) as h:
         monkeypatch.setenv("HF_ENDPOINT", h.url)
         with pytest.raises(IntegrityError) as err:

@@ -166,15 +166,15 @@ def test_upstream_change_triggers_only_that_models_rebuild(deployed, tmp_path):
         return [r for r in runs if not r.auto_scheduled]
 
     repos = {"huggyllama/llama-7b": _tiny_repo(b"base"),
-             "ziqingyang/chinese-llama-plus-lora-7b": _tiny_repo(b"v1")}
+             "hfl/chinese-llama-plus-lora-7b": _tiny_repo(b"v1")}
     with FakeHub(repos) as hub:
         env["HF_ENDPOINT"] = hub.url
         before = len(runs_of("build-llama-plus-7b"))
         assert check_upstream(models=["llama-plus-7b"]) == []  # first sighting: the baseline
         assert check_upstream(models=["llama-plus-7b"]) == []  # unchanged
-        hub.commit("ziqingyang/chinese-llama-plus-lora-7b", {"adapter_model.bin": b"weights v2"})
+        hub.commit("hfl/chinese-llama-plus-lora-7b", {"adapter_model.bin": b"weights v2"})
         changes = check_upstream(models=["llama-plus-7b"])
-        assert [(c["model"], c["repo"]) for c in changes] == [("llama-plus-7b", "ziqingyang/chinese-llama-plus-lora-7b")]
+        assert [(c["model"], c["repo"]) for c in changes] == [("llama-plus-7b", "hfl/chinese-llama-plus-lora-7b")]
         deadline = time.monotonic() + 120  # the server's trigger service reacts to the event
         while time.monotonic() < deadline and len(runs_of("build-llama-plus-7b")) == before:
             time.sleep(1)

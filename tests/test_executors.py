@@ -87,10 +87,11 @@ def test_both_executors_give_the_same_keys_and_files(release, prefect_server, mo
     assert published["plain"] == published["prefect"]
     rel = {name: {p.relative_to(r.out_dir).as_posix() for p in r.published} for name, r in results.items()}
     assert rel["plain"] == rel["prefect"]
-    expect = {"tokenizer", "official.json"} | {f for f in ("hf", "pth") if f in outputs}
+    expect = {"tokenizer", "official.json", "README.md"} | {f for f in ("hf", "pth") if f in outputs}
     expect |= {f"fingerprints/{f}.json" for f in ("hf", "pth", "gguf") if f in outputs}
     if "gguf" in outputs:
         expect |= {"parity-f16.gguf", "parity-q4_0.gguf"} | ({"report"} if evaluation else set())
+        expect |= {"Modelfile", "Modelfile.f16", "Modelfile.q4_0"}  # Ollama: one per GGUF, the default one
     if "ggml" in outputs:
         expect |= {"parity-ggml-q4_0.bin"}
     assert rel["plain"] == expect | {"build-lock.json"}
@@ -99,3 +100,32 @@ def test_both_executors_give_the_same_keys_and_files(release, prefect_server, mo
     assert len(digests) <= 1, digests
     if evaluation:  # the float reference is evaluated once, by its own node, whatever the variants
         assert [s.stage for s in plain.stages].count("evaluate-reference") == 1
+
+
+def test_a_failed_quality_gate_fails_both_executors_alike(release, prefect_server, monkeypatch):
+    """The gates stage is a node of the graph: the plain executor and the flow fail on it with the same
+    message (variant, measured value, limit), and neither publishes anything."""
+    from flows.build import build_model
+    from pipeline_lib.errors import IntegrityError
+
+    messages = {}
+    for name in ("plain", "prefect"):
+        monkeypatch.setenv("ZHLLAMA_HOME", str(release[name]))
+        out = release[name] / "out" / "gated"
+        spec = _spec(release["root"], ("gguf",), True, out)
+        spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(
+            update={"gates": {"q4_0": {"max_mean_kl": 1e-9}}})})
+        if name == "plain":
+            with pytest.raises(IntegrityError) as err:
+                run_build(spec)
+            messages[name] = err.value.seen  # (its fix names the report in that executor's store)
+        else:
+            state = build_model(spec, return_state=True)
+            assert state.is_failed()
+            with pytest.raises(IntegrityError) as err:
+                state.result()
+            messages[name] = err.value.seen
+        assert not out.exists()
+    assert messages["plain"] == messages["prefect"]
+    assert messages["plain"].startswith("quality gate failed: q4_0: mean KL divergence ")
+    assert "> limit 1e-09 (max_mean_kl)" in messages["plain"]

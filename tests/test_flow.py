@@ -97,7 +97,7 @@ def test_flow_parameters_render_as_a_guiding_form():
     # half-filled SourceSpec; a null among an enum's values turns the V2 choice into a text box),
     # with every tab titled by what it means, the empty choice first when it is the default.
     switches = {"base": ("Catalog's", None), "chinese_sp": ("Release's", None), "tokenizer": ("Model's", None),
-                "evaluation.max_chunks": ("Whole text", 1)}
+                "evaluation.max_chunks": ("Whole text", 1), "evaluation.gates": ("Defaults", None)}
     for name, (none_title, default) in switches.items():
         prop = props[name] if "." not in name else props["evaluation"]["properties"][name.split(".")[1]]
         none = next(o for o in prop["anyOf"] if o.get("type") == "null")
@@ -233,10 +233,13 @@ def test_demo_flow_then_all_cache_hits_and_damage_is_rebuilt(prefect_server, tmp
     labels = [s.label for s in r1.stages]
     assert labels[:4] == ["download base", "download lora-0", "download lora-1", "download chinese_sp"]
     assert {"verify", "tokenizer", "official sha256", "gguf f16", "fingerprint gguf", "quantize q4_0", "quantize q8_0",
-            "evaluate f16 (reference)", "evaluate q4_0", "evaluate q8_0", "report"} == set(labels[4:])
+            "modelfile Modelfile.f16", "modelfile Modelfile.q4_0", "modelfile Modelfile", "modelfile Modelfile.q8_0",
+            "evaluate f16 (reference)", "evaluate q4_0", "evaluate q8_0", "report", "quality gates",
+            "model card"} == set(labels[4:])
     assert not any(s.cached for s in r1.stages)
     for name in ("tiny-demo-f16.gguf", "tiny-demo-q4_0.gguf", "tiny-demo-q8_0.gguf", "build-lock.json",
-                 "report/report.md", "report/report.png", "tokenizer/tokenizer.model"):
+                 "report/report.md", "report/report.png", "tokenizer/tokenizer.model", "README.md", "Modelfile",
+                 "Modelfile.q8_0"):
         assert (out / name).is_file(), name
     assert (out / "tiny-demo-q4_0.gguf").read_bytes()[:4] == b"GGUF"
     tok = next(e for e in Store().entries() if e.stage == "tokenizer")
@@ -246,8 +249,13 @@ def test_demo_flow_then_all_cache_hits_and_damage_is_rebuilt(prefect_server, tmp
     assert [s["role"] for s in lock["sources"]] == ["base", "lora-0", "lora-1", "chinese_sp"]
 
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts() if a.flow_run_id == first.state_details.flow_run_id}
-    assert {"tiny-demo-stages", "tiny-demo-verify", "tiny-demo-tokenizer", "tiny-demo-report"} <= keys
+        arts = {a.key: a for a in client.read_artifacts() if a.flow_run_id == first.state_details.flow_run_id}
+    assert {"tiny-demo-stages", "tiny-demo-verify", "tiny-demo-tokenizer", "tiny-demo-report", "tiny-demo-card"} <= set(arts)
+    # the model card as a markdown artifact: the published README.md, its plot inlined
+    card = arts["tiny-demo-card"].data
+    assert card.startswith("---\n") and "## Provenance" in card and "](data:image/png;base64," in card
+    assert card.replace(card[card.index("](data:"):card.index(")", card.index("](data:")) + 1], "](report/report.png)") \
+        == (out / "README.md").read_text()
 
     # second run: every stage is a Prefect cache hit
     r2 = build_model(spec)

@@ -37,15 +37,15 @@ def test_only_a_changed_revision_is_reported(hub, tmp_path):
     assert recorded["huggyllama/llama-7b"] == hub.head("huggyllama/llama-7b")
     assert upstream.check(models, state_path=state) == []  # nothing moved
 
-    old = hub.head("ziqingyang/chinese-alpaca-plus-lora-7b")
-    new = hub.commit("ziqingyang/chinese-alpaca-plus-lora-7b", {"adapter_model.bin": b"retrained"})
+    old = hub.head("hfl/chinese-alpaca-plus-lora-7b")
+    new = hub.commit("hfl/chinese-alpaca-plus-lora-7b", {"adapter_model.bin": b"retrained"})
     changes = upstream.check(models, state_path=state)
     assert [(c.model, c.repo, c.role, c.old, c.new) for c in changes] == [
-        ("alpaca-plus-7b", "ziqingyang/chinese-alpaca-plus-lora-7b", "lora-1", old, new)]
+        ("alpaca-plus-7b", "hfl/chinese-alpaca-plus-lora-7b", "lora-1", old, new)]
     assert upstream.check(models, state_path=state) == []  # recorded: reported once
 
     # a repo shared by both models (the LLaMA-Plus LoRA is the first link of Alpaca-Plus) rebuilds both
-    hub.commit("ziqingyang/chinese-llama-plus-lora-7b", {"adapter_model.bin": b"fixed"})
+    hub.commit("hfl/chinese-llama-plus-lora-7b", {"adapter_model.bin": b"fixed"})
     assert sorted(c.model for c in upstream.check(models, state_path=state)) == ["alpaca-plus-7b", "llama-plus-7b"]
 
 
@@ -69,7 +69,7 @@ def test_flow_emits_one_event_per_changed_model(hub, prefect_server, monkeypatch
     monkeypatch.setattr(flow_mod, "emit_event", spy)
     assert flow_mod.check_upstream(models=["llama-plus-7b", "alpaca-plus-7b"]) == []
     assert emitted == []
-    hub.commit("ziqingyang/chinese-llama-plus-lora-7b", {"adapter_model.bin": b"v2"})
+    hub.commit("hfl/chinese-llama-plus-lora-7b", {"adapter_model.bin": b"v2"})
     changes = flow_mod.check_upstream(models=["llama-plus-7b", "alpaca-plus-7b"])
     assert len(changes) == 2
     assert sorted(e["resource"]["prefect.resource.id"] for e in emitted) == [

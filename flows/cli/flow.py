@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(a new name with --base and --lora). Runs the Prefect flow in this process "
                        "(a temporary local server unless PREFECT_API_URL is set).")
     p.add_argument("model", help="catalog name, e.g. alpaca-plus-7b; 'tiny-demo'; or a name for a custom build")
-    p.add_argument("--spec", metavar="FILE", help="a BuildSpec as a JSON file (the other options override it)")
+    p.add_argument("--spec", metavar="FILE", help="a BuildSpec as a JSON file, or a build's build-lock.json (its "
+                   "spec: `zhllama build MODEL --spec build-lock.json` builds it again); the other options override it")
     p.add_argument("--base", metavar="SOURCE", help="base LLaMA source: hub repo, local folder, URL or archive")
     p.add_argument("--base-revision", metavar="REV", help="hub branch, tag or commit of --base (default: main)")
     p.add_argument("--lora", action="append", metavar="SOURCE", help="LoRA source, in merge order (repeat)")
@@ -139,6 +140,8 @@ def _spec_from(model: str, args: argparse.Namespace, *, base: dict | None = None
     known = model in MODEL_NAMES or model.lower() in catalog._ALIASES
     if not known and getattr(args, "base", None) and getattr(args, "lora", None):
         data["model"], data["name"] = CUSTOM_MODEL, model  # `zhllama build my-chain --base B --lora L`
+    elif not known and data.get("model") == CUSTOM_MODEL and data.get("name") == model:
+        pass  # `zhllama build my-chain --spec build-lock.json` of a custom build
     else:
         data["model"] = model
     if getattr(args, "base", None):
@@ -222,8 +225,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_spec(path: str) -> dict:
+    """A BuildSpec JSON file, or the spec a build-lock.json records (the card's rebuild command)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the build spec {path} ({exc})", expected="a BuildSpec as JSON, or a "
+                         "build-lock.json", fix="check the path") from None
+    if isinstance(data, dict) and isinstance(data.get("spec"), dict) and "sources" in data:
+        return data["spec"]  # a build lock: its spec, as the build was asked for
+    if not isinstance(data, dict):
+        raise InputError(f"the build spec {path} is a JSON {type(data).__name__}", expected="a JSON object")
+    return data
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    base = json.loads(Path(args.spec).read_text(encoding="utf-8")) if args.spec else None
+    base = _read_spec(args.spec) if args.spec else None
     spec = _spec_from(args.model, args, base=base)
     if args.plan:
         from pipeline_lib.pipeline import build_graph, format_graph, plan_build

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate",
     "generate": "chat",
     "chat": "chat",
+    "export": "export",
     "demo": "flow",
     "build": "flow",
     "run": "flow",

@@ -70,6 +70,7 @@ def build_lock(plan: BuildPlan, nodes: tuple[StageNode, ...], entries: Mapping[s
     official-hash result and the tensor fingerprint of every float output."""
     lock: dict[str, Any] = {
         "model": plan.name, "display": plan.display, "zhllama": __version__,
+        "catalog_model": plan.catalog_model, "tokenizer": plan.tokenizer,  # what `zhllama export` needs to know
         "spec": json.loads(plan.spec.model_dump_json()),
         "sources": [{**ref.to_json(), "fingerprint": prepared.get(f"download:{ref.role}", {}).get("fingerprint"),
                      "files": {rel: o.sha256 for rel, o in entries[f"download:{ref.role}"].outputs.items()}}

@@ -55,7 +55,18 @@ def resolve_deps(node: StageNode, value_of: Mapping[str, Any]) -> dict[str, Any]
 
 
 def eval_options(plan: BuildPlan) -> dict[str, Any]:
-    return plan.spec.evaluation.model_dump(exclude={"enabled"})
+    # the gates judge the measurements, they do not change them: not part of the evaluations' keys
+    return plan.spec.evaluation.model_dump(exclude={"enabled", "gates"})
+
+
+def gates_in_force(plan: BuildPlan) -> tuple[dict[str, Any], bool]:
+    """(gates per variant in ``gates.resolve``'s form, whether the broken-quant flag fails the build):
+    llama.cpp's defaults for catalog models, the spec's entries over them, none for synthetic models."""
+    from ..gates import resolve
+
+    given = plan.spec.evaluation.gates
+    real = plan.catalog_model is not None
+    return resolve(given, variants=plan.spec.quant_types, defaults=real), real or given is not None
 
 
 def build_graph(plan: BuildPlan) -> tuple[StageNode, ...]:
@@ -95,6 +106,7 @@ def build_graph(plan: BuildPlan) -> tuple[StageNode, ...]:
         add(StageNode(f"fingerprint:{fmt}", "fingerprint", f"fingerprint {fmt}", deps={"output": node_id},
                       params={"output": fmt}, publish=f"fingerprints/{fmt}.json"))
     if not {"gguf", "ggml"} & set(spec.outputs):
+        add(card_node(plan, nodes, downloads=downloads, verify=verify, report=None, gates=None, modelfiles={}))
         return tuple(nodes)
 
     f16_file = f"{name}-{spec.outtype}.gguf"
@@ -117,6 +129,21 @@ def build_graph(plan: BuildPlan) -> tuple[StageNode, ...]:
             file = f"{name}-ggml-{q}.bin"
             add(StageNode(f"ggml:{q}", "ggml", f"ggml {q}", deps={"gguf": f16}, params={"qtype": q, "file": file},
                           publish=file))
+    modelfiles: dict[str, str] = {}
+    if "gguf" in spec.outputs:  # Ollama: a Modelfile beside each GGUF, `Modelfile` for the default variant
+        from ..chat import TEMPLATE_FOR_VOCAB
+        from ..ollama import modelfile_name
+
+        default = default_variant(plan)
+        for v, node_id in {spec.outtype: f16, **quants}.items():
+            for is_default in (False, True) if v == default else (False,):
+                mf = modelfile_name(v, default=is_default)
+                modelfiles.setdefault(v, mf)
+                add(StageNode(f"modelfile:{'default' if is_default else v}", "modelfile", f"modelfile {mf}",
+                              deps={"gguf": node_id}, publish=mf,
+                              params={"variant": v, "file": f"{name}-{v}.gguf", "modelfile": mf, "model": name,
+                                      "display": plan.display, "template": TEMPLATE_FOR_VOCAB[plan.tokenizer]}))
+    report = gates = None
     if spec.evaluation.enabled and "gguf" in spec.outputs:
         options = eval_options(plan)
         reference = add(StageNode(
@@ -126,9 +153,55 @@ def build_graph(plan: BuildPlan) -> tuple[StageNode, ...]:
         evals = {spec.outtype: reference} | {q: add(StageNode(
             f"evaluate:{q}", "evaluate", f"evaluate {q}", deps={"variant": node_id, "reference": reference},
             params={"label": q, "options": options})) for q, node_id in quants.items()}
-        add(StageNode("report", "report", "report", deps={"evaluations": evals}, params={"title": plan.display},
-                      publish="report/"))
+        in_force, enforce_broken = gates_in_force(plan)
+        report = add(StageNode("report", "report", "report", deps={"evaluations": evals}, publish="report/",
+                               params={"title": plan.display, "gates": in_force, "enforce_broken": enforce_broken}))
+        gates = add(StageNode("gates", "gates", "quality gates", deps={"report": report}))
+    add(card_node(plan, nodes, downloads=downloads, verify=verify, report=report, gates=gates,
+                  modelfiles=modelfiles))
     return tuple(nodes)
+
+
+def default_variant(plan: BuildPlan) -> str:
+    """The variant a user takes by default (``Modelfile``, ``zhllama export``): the first quantization
+    asked for (q4_0 unless told otherwise), else the float GGUF."""
+    return plan.spec.quant_types[0] if plan.spec.quant_types else plan.spec.outtype
+
+
+# What each published node is, for the model card's file list (stage -> kind; see card.OUTPUT_WORDS).
+_CARD_KINDS: dict[str, str] = {"tokenizer": "tokenizer/", "official": "official.json", "fingerprint": "fingerprints/",
+                               "quantize": "gguf-quant:variant={qtype}", "ggml": "ggml:variant={qtype}",
+                               "modelfile": "modelfile:variant={variant}", "report": "report/",
+                               "gguf": "gguf-float:outtype={outtype}"}
+
+
+def card_node(plan: BuildPlan, nodes: list[StageNode], *, downloads: Mapping[str, str], verify: str,
+              report: str | None, gates: str | None, modelfiles: Mapping[str, str]) -> StageNode:
+    """The model card (README.md): what every other node recorded, nothing measured again."""
+    from ..buildspec import CUSTOM_MODEL, DEMO_MODEL
+
+    files: list[list[str]] = []  # [published name, kind]: JSON values
+    for n in nodes:
+        if not n.publish:
+            continue
+        kind = _CARD_KINDS[n.stage].format(**n.params) if n.stage != "merge" else n.publish
+        name = "fingerprints/" if n.stage == "fingerprint" else n.publish
+        if [name, kind] not in files:
+            files.append([name, kind])
+    files.append(["build-lock.json", "build-lock.json"])
+    deps: dict[str, Any] = {"downloads": dict(downloads), "verified": verify,
+                            "official": next(n.id for n in nodes if n.stage == "official"),
+                            "fingerprints": {n.params["output"]: n.id for n in nodes if n.stage == "fingerprint"}}
+    if report is not None:
+        deps |= {"report": report, "gates": gates}
+    spec = plan.spec.model_dump(mode="json", exclude={"out_dir"})
+    sources = [{"role": ref.role, "kind": ref.parsed.kind, "source": ref.display, "revision": ref.revision,
+                "repo": ref.parsed.repo} for ref in plan.sources]
+    return StageNode("card", "card", "model card", deps=deps, publish="README.md", params={
+        "name": plan.name, "display": plan.display, "model": plan.catalog_model, "tokenizer": plan.tokenizer,
+        "spec": spec, "sources": sources, "files": files, "modelfiles": dict(modelfiles),
+        "default_variant": default_variant(plan) if modelfiles else None,
+        "synthetic": plan.spec.model in (DEMO_MODEL, CUSTOM_MODEL)})
 
 
 def format_graph(plan: BuildPlan, nodes: tuple[StageNode, ...]) -> str:

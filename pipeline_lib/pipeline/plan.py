@@ -81,7 +81,12 @@ class BuildPlan:
 
 
 def _ref(role: str, kind: str, spec: SourceSpec) -> SourceRef:
-    return SourceRef(role, spec.source, parse_source(spec.source, revision=spec.revision), spec.revision,
+    from ..catalog import canonical_source
+
+    # A release repo under its old hub name (ziqingyang/...) is the same source as under its current
+    # one (hfl/...): same download key, same lock entry.
+    source = canonical_source(spec.source)
+    return SourceRef(role, source, parse_source(source, revision=spec.revision), spec.revision,
                      dict(spec.sha256), INCLUDE[kind], kind)
 
 

@@ -458,19 +458,113 @@ def evaluate_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
 
 
 def report_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
-    """One report (report.json, report.md, report.png) from the reference and the variants' evaluations."""
+    """One report (report.json, report.md, report.png) from the reference and the variants' evaluations,
+    every quality gate in force marked pass or fail (the gates stage then decides)."""
     evaluations: Mapping[str, Entry] = args["evaluations"]
     title = node.params["title"]
+    gates, enforce = node.params.get("gates", {}), node.params.get("enforce_broken", False)
 
     def produce(tmp: Path) -> dict:
-        from ..evaluate import combine_reports, write_report
+        from ..evaluate import apply_gates, combine_reports, write_report
+        from ..gates import failures
 
         report = combine_reports([e.path for e in evaluations.values()], out=tmp, title=title)
+        report = apply_gates(report, gates, enforce_broken=enforce)
         write_report(report)
-        return {"variants": [v.name for v in report.variants], "reference": report.reference}
+        return {"variants": [v.name for v in report.variants], "reference": report.reference,
+                "gates_failed": [g.describe() for g in failures(report.gates)]}
 
     return StageRequest("report", inputs={label: digest(e) for label, e in evaluations.items()},
-                        params={"title": title}, produce=produce, label=node.label)
+                        params={"title": title, "gates": gates, "enforce_broken": enforce}, produce=produce,
+                        label=node.label)
+
+
+def gates_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """The build's verdict on the report's quality gates: gates.json, or an IntegrityError naming every
+    failed gate (variant, measured value, limit), so both executors fail the build alike."""
+    report = args["report"]
+
+    def produce(tmp: Path) -> dict:
+        from dataclasses import asdict
+
+        from ..errors import IntegrityError
+        from ..evaluate import Report
+        from ..gates import failures
+
+        results = Report.load(report.path).gates
+        failed = failures(results)
+        verdict = {"passed": not failed, "gates": [asdict(g) | {"status": g.status} for g in results]}
+        if failed:
+            raise IntegrityError("quality gate failed: " + "; ".join(g.describe() for g in failed),
+                                 expected="every variant within its gates (BuildSpec evaluation.gates; defaults: "
+                                          "llama.cpp's published KL ranges, see docs/deliverables.md)",
+                                 fix=f"see the report {report.path / 'report.md'}; use a higher-precision "
+                                     "quantization, or set evaluation.gates for that variant (a broken "
+                                     "quantization, top-1 agreement under 50%, fails whatever the gates say)")
+        write_text_atomic(tmp / "gates.json", json.dumps(verdict, indent=2, ensure_ascii=False) + "\n")
+        return {"passed": True, "checked": len(results)}
+
+    return StageRequest("gates", inputs={"report": digest(report)}, params={}, produce=produce, label=node.label)
+
+
+def modelfile_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """An Ollama Modelfile for one GGUF variant (pipeline_lib.ollama), its num_ctx read from the GGUF."""
+    gguf, p = args["gguf"], dict(node.params)
+
+    from .. import __version__
+
+    p["zhllama"] = __version__  # the Modelfile names the version that wrote it
+
+    def produce(tmp: Path) -> dict:
+        from ..chat import gguf_context_length
+        from ..ollama import render_modelfile
+
+        ctx = gguf_context_length(gguf_file(gguf))
+        text = render_modelfile(p["file"], template=p["template"], model=p["model"], display=p["display"],
+                                variant=p["variant"], modelfile=p["modelfile"], context_length=ctx or None,
+                                version=p["zhllama"])
+        write_text_atomic(tmp / p["modelfile"], text)
+        return {"variant": p["variant"], "num_ctx": ctx}
+
+    return StageRequest("modelfile", inputs={"gguf": digest(gguf)}, params=p, produce=produce, label=node.label)
+
+
+def card_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
+    """The model card (README.md, pipeline_lib.card) from what the build recorded: verify.json,
+    official.json, the fingerprints, the report and its gates, what each source resolved to."""
+    from ..card import versions
+
+    p = node.params
+    downloads: Mapping[str, Entry] = args["downloads"]
+    fingerprints: Mapping[str, Entry] = args["fingerprints"]
+    report: Entry | None = args.get("report")
+    resolved = {role: e.inputs.get("source") for role, e in downloads.items()}
+    installed = versions()
+
+    def produce(tmp: Path) -> dict:
+        from ..card import CardInputs, write_card
+        from ..evaluate import Report
+
+        rows = json.loads((args["verified"].path / "verify.json").read_text(encoding="utf-8"))["files"]
+        official = json.loads((args["official"].path / "official.json").read_text(encoding="utf-8"))
+        card = CardInputs(
+            name=p["name"], display=p["display"], model=p["model"], tokenizer=p["tokenizer"], spec=p["spec"],
+            sources=[s | {"resolved": resolved.get(s["role"])} for s in p["sources"]], inputs=rows,
+            files=[tuple(f) for f in p["files"]], official=official,
+            fingerprints={k: e.meta.get("digest") for k, e in fingerprints.items()},
+            report=Report.load(report.path) if report is not None else None, versions=installed,
+            modelfiles=p["modelfiles"], default_variant=p["default_variant"], synthetic=p["synthetic"])
+        write_card(card, tmp)
+        return {"versions": installed}
+
+    inputs = {f"download {role}": digest(e) for role, e in downloads.items()}
+    inputs |= {f"source {role}": str(fp) for role, fp in resolved.items()}  # a moved branch: a new card
+    inputs |= {"verified": digest(args["verified"]), "official": digest(args["official"])}
+    inputs |= {f"fingerprint {k}": digest(e) for k, e in fingerprints.items()}
+    if report is not None:
+        inputs |= {"report": digest(report), "gates": digest(args["gates"])}
+    return StageRequest("card", inputs=inputs, params=dict(p) | {"versions": installed}, produce=produce,
+                        label=node.label)
 
 
 # ------------------------------------------------------------------ the table
@@ -491,5 +585,9 @@ STAGES: dict[str, StageDef] = {
                                    heavy=True, deterministic=False),
     "evaluate": StageDef("3", evaluate_request, "perplexity, KL, speed, samples of one variant", heavy=True,
                          deterministic=False),
-    "report": StageDef("2", report_request, "report.json/md/png across variants", deterministic=False),
+    "report": StageDef("3", report_request, "report.json/md/png across variants, quality gates marked",
+                       deterministic=False),
+    "gates": StageDef("1", gates_request, "fail the build on a failed quality gate or a broken quantization"),
+    "modelfile": StageDef("1", modelfile_request, "an Ollama Modelfile beside a GGUF variant"),
+    "card": StageDef("1", card_request, "the model card README.md (provenance, evaluation, usage)"),
 }

@@ -105,6 +105,11 @@ def _official_lines(result) -> list[str]:
     audit = _stage_file(result, "merge", "meta:audit") or _stage_file(result, "gguf", "meta:audit")
     if audit is not None:
         lines.append(f"  {audit['summary']}")
+    gates = _stage_file(result, "gates", "gates.json")
+    if gates is not None and gates["gates"]:
+        shown = [f"{g['variant']} {g['status']}" + ("" if g["passed"] else f" ({g['metric']} {g['measured']:.4g}, "
+                                                    f"limit {g['limit']:.4g})") for g in gates["gates"]]
+        lines.append("  quality gates: " + "; ".join(shown))
     doc = _stage_file(result, "official", "official.json")
     if doc is not None:
         lines += [f"  {row['file']}: {row['message']}" for row in doc["files"]]

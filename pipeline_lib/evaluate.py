@@ -1238,8 +1238,12 @@ def reference_pass(model_gguf: str | Path, *, out: str | Path, text: str | Path 
     return ReferenceResult.load(out)
 
 
-def _reference_settings(ref: ReferenceResult, n_ctx: int | None, n_chunks: int | None) -> tuple[int, int]:
-    """n_ctx and chunks of an evaluation against a stored reference: the reference's; any asked for must match."""
+def _ctx_and_chunks(ref: ReferenceResult | None, n_ctx: int | None,
+                        n_chunks: int | None) -> tuple[int, int | None]:
+    """n_ctx and chunks of an evaluation: against a stored reference the reference's (any asked for must
+    match); without one ``n_ctx`` or DEFAULT_N_CTX, and ``n_chunks`` as given (``resolve_chunks`` later)."""
+    if ref is None:
+        return n_ctx or DEFAULT_N_CTX, n_chunks
     if n_ctx is not None and n_ctx != ref.n_ctx:
         raise InputError(f"n_ctx={n_ctx} asked for; the reference in {ref.out} was computed with n_ctx={ref.n_ctx}",
                          expected="the reference's context (KL compares the same positions)",
@@ -1277,10 +1281,7 @@ def evaluate(model_gguf: str | Path, *, out: str | Path, reference: ReferenceRes
                                  title=title)
     out = Path(out)
     ref = _as_reference(reference) if reference is not None else None
-    if ref is not None:
-        n_ctx, n_chunks = _reference_settings(ref, n_ctx, n_chunks)
-    else:
-        n_ctx = n_ctx or DEFAULT_N_CTX
+    n_ctx, n_chunks = _ctx_and_chunks(ref, n_ctx, n_chunks)
     inputs = _read_inputs(text=text, tokenizers=tokenizers, options=options, reference=ref)
     facts = cached_model_facts(model_gguf)
     name = name or variant_name(facts)
@@ -1349,10 +1350,7 @@ def evaluate_variants(variants: Mapping[str, str | Path] | Sequence[str | Path],
     ref_gguf = Path(reference) if _is_gguf_file(reference) else None
     stored = _as_reference(reference) if reference is not None and ref_gguf is None else None
     # every input of every model, before any model is loaded: the cheap ones first
-    if stored is not None:
-        ctx, _ = _reference_settings(stored, n_ctx, n_chunks)
-    else:
-        ctx = n_ctx or DEFAULT_N_CTX
+    ctx, _ = _ctx_and_chunks(stored, n_ctx, n_chunks)
     inputs = _read_inputs(text=text, tokenizers=tokenizers, options=options, reference=stored)
     variants = _named_variants(variants)
     facts = {n: cached_model_facts(p) for n, p in variants.items()}

@@ -285,8 +285,9 @@ def estimate_mode(args) -> int:
     rows = {"pp512": (n_ctx - n_ctx // 2) / n_ctx, "pp64": 1 / 64, "tg": 1.0}
     scale = {k: (n_layers + r * out_layers) / (layers + r * bench_out) for k, r in rows.items()}
     t7 = {q: {k: c[k] * scale[k] for k in c} for q, c in costs.items()}
-    samples, max_tokens = ev.DEFAULT_MAX_SAMPLES, ev.DEFAULT_MAX_TOKENS
-    pp, tg = ev.DEFAULT_SPEED_PROMPT, ev.DEFAULT_SPEED_GEN
+    defaults = ev.PassOptions()  # what every model's pass does by default (zhllama eval, the build)
+    samples, max_tokens = defaults.max_samples, defaults.max_tokens
+    pp, tg = defaults.speed_prompt, defaults.speed_gen
     what = "CPU s" if threads == 1 else "wall s"
     print(f"LLaMA-7B shape, {layers}-layer models measured ({threads} thread(s), {what}, fastest of {args.repeat}; "
           f"load average {min(load):.1f}-{max(load):.1f}), scaled to {n_layers} layers + the output layer "

@@ -116,6 +116,47 @@ def packaged_prompts_path() -> Path:
 
 
 @dataclass(frozen=True)
+class PassOptions:
+    """How every model's pass is run, the same for the reference and each variant: the generation
+    samples, the speed test, the seed and the threads. ``reference_pass``, ``evaluate`` and
+    ``evaluate_variants`` take it as ``options``; what differs per call (the model, ``out``, the
+    reference, the text, ``n_ctx``, ``n_chunks``, names, tokenizers, title, plot) stays a keyword of its own.
+
+    * ``prompts`` (None): the prompts JSONL; None or True = the packaged ten categories
+      (``data/prompts_zh.jsonl``); False = no generation samples.
+    * ``template`` (None): "alpaca" or "plain" forces the prompt template; None = by vocabulary
+      (alpaca when it holds the ``[PAD]`` piece, else plain).
+    * ``gen_ctx`` (``DEFAULT_GEN_CTX``, None): the context each model is opened with; None = what the
+      samples need (longest dialogue + ``max_tokens`` per reply, rounded up to 256), capped at the
+      training context; never below ``n_ctx``.
+    * ``samples_per_category`` (``DEFAULT_SAMPLES_PER_CATEGORY``, 1): the first N prompts of every
+      category; 0 or None = all of them.
+    * ``max_samples`` (``DEFAULT_MAX_SAMPLES``, 3): prompts in all, taken round-robin over the
+      categories; 0 or None = no limit.
+    * ``max_tokens`` (``DEFAULT_MAX_TOKENS``, 32): tokens per sample reply (greedy).
+    * ``speed`` (True): run the speed test after the perplexity pass.
+    * ``speed_prompt`` (``DEFAULT_SPEED_PROMPT``, 32): the speed test's prompt batch, in tokens (pp).
+    * ``speed_gen`` (``DEFAULT_SPEED_GEN``, 16): the speed test's single-token decodes (tg).
+    * ``seed`` (0): llama.cpp's sampling seed (greedy samples do not depend on it).
+    * ``threads`` (None): llama.cpp threads for prompt batches and generation; None = ``chat.physical_cores()``.
+
+    The report's ``settings`` record these values (``template`` as ``template_override``).
+    """
+
+    prompts: str | Path | bool | None = None
+    template: str | None = None
+    gen_ctx: int | None = DEFAULT_GEN_CTX
+    samples_per_category: int | None = DEFAULT_SAMPLES_PER_CATEGORY
+    max_samples: int | None = DEFAULT_MAX_SAMPLES
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    speed: bool = True
+    speed_prompt: int = DEFAULT_SPEED_PROMPT
+    speed_gen: int = DEFAULT_SPEED_GEN
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     path: str
     file_size: int
@@ -916,11 +957,11 @@ def _read_text(text: str | Path | None) -> tuple[str, str]:
     return body, label
 
 
-def _read_inputs(*, text: str | Path | None, prompts: str | Path | None | bool, template: str | None,
-                 tokenizers: Sequence[str | Path] | Mapping[str, str | Path], samples_per_category: int | None,
-                 max_samples: int | None, reference: ReferenceResult | None = None) -> _Inputs:
-    """Read the text (a stored reference's own text when ``text`` is None), the prompts, the template
-    and every sentencepiece tokenizer (counted on the text now, so a bad file fails before any model)."""
+def _read_inputs(*, text: str | Path | None, tokenizers: Sequence[str | Path] | Mapping[str, str | Path],
+                 options: PassOptions, reference: ReferenceResult | None = None) -> _Inputs:
+    """Read the text (a stored reference's own text when ``text`` is None), the prompts and the
+    template of ``options``, and every sentencepiece tokenizer (counted on the text now, so a bad file
+    fails before any model)."""
     if reference is not None and text is None:
         body, label = reference.text(), reference.report.text.get("source", TEXT_FILE)
     else:
@@ -932,10 +973,11 @@ def _read_inputs(*, text: str | Path | None, prompts: str | Path | None | bool, 
                          expected="the text the reference pass ran on",
                          fix="leave --text out to use the reference's own text, or run the reference pass again")
     items: tuple[PromptItem, ...] = ()
+    prompts = options.prompts
     if prompts is not False:
         items = tuple(pick_prompts(load_prompts(None if prompts in (None, True) else prompts),
-                                   samples_per_category, max_samples))
-    tpl = chat.get_template(template) if template is not None else None
+                                   options.samples_per_category, options.max_samples))
+    tpl = chat.get_template(options.template) if options.template is not None else None
     rows = tokenizer_rows(body, tokenizers=tokenizers)
     return _Inputs(text=body, text_label=label, text_sha256=digest, prompts=items, template=tpl, tokenizer_rows=rows)
 
@@ -963,14 +1005,14 @@ class _Prepared:
     ctx: int  # the context the model will be opened with
 
 
-def _prepare(path: str | Path, *, name: str, facts: ModelFacts, inputs: _Inputs, n_ctx: int,
-             gen_ctx: int | None, max_tokens: int, reference: ReferenceResult | None = None) -> _Prepared:
+def _prepare(path: str | Path, *, name: str, facts: ModelFacts, inputs: _Inputs, n_ctx: int, options: PassOptions,
+             reference: ReferenceResult | None = None) -> _Prepared:
     """Tokenize the text with the model's own vocabulary (vocabulary-only load: milliseconds) and check
     it against ``n_ctx`` and the reference's tokens; size the model's context and check that every
     sample prompt fits it.
 
-    The context is ``gen_ctx`` or, when None, just what the samples need (the longest dialogue with
-    ``max_tokens`` per reply, rounded up to 256), capped at the training context and never below
+    The context is ``options.gen_ctx`` or, when None, just what the samples need (the longest dialogue
+    with ``options.max_tokens`` per reply, rounded up to 256), capped at the training context and never below
     ``n_ctx``: the KV cache is allocated for all of it (1 GB at 2048 for a 7B).
     """
     _check_ctx(n_ctx)
@@ -993,8 +1035,8 @@ def _prepare(path: str | Path, *, name: str, facts: ModelFacts, inputs: _Inputs,
 
         first = {it.id: n_tokens(tpl.render([], it.turns[0])) for it in inputs.prompts}
         need = max((n_tokens(tpl.render([(t, "") for t in it.turns[:-1]], it.turns[-1]))
-                    + len(it.turns) * max_tokens + 8 for it in inputs.prompts), default=0)
-        ctx = gen_ctx or -(-need // 256) * 256
+                    + len(it.turns) * options.max_tokens + 8 for it in inputs.prompts), default=0)
+        ctx = options.gen_ctx or -(-need // 256) * 256
         ctx = max(n_ctx, min(ctx, facts.context_length or ctx))
         for pid, n in first.items():
             if n + 1 >= ctx:
@@ -1006,9 +1048,8 @@ def _prepare(path: str | Path, *, name: str, facts: ModelFacts, inputs: _Inputs,
     return _Prepared(path=Path(path), name=name, facts=facts, tokens=tokens, vocab_row=row, ctx=ctx)
 
 
-def _run_model(prep: _Prepared, inputs: _Inputs, *, n_ctx: int, n_chunks: int,
-               reference: ReferenceLogProbs | None, save: ReferenceLogProbs | None, speed: bool, speed_prompt: int,
-               speed_gen: int, max_tokens: int, seed: int, threads: int | None) -> VariantReport:
+def _run_model(prep: _Prepared, inputs: _Inputs, *, n_ctx: int, n_chunks: int, reference: ReferenceLogProbs | None,
+               save: ReferenceLogProbs | None, options: PassOptions) -> VariantReport:
     """Load one model and measure everything: perplexity (+ KL against ``reference`` / stored into
     ``save``), speed, samples and memory. The only place a model's weights are loaded."""
     t0 = time.perf_counter()
@@ -1016,28 +1057,30 @@ def _run_model(prep: _Prepared, inputs: _Inputs, *, n_ctx: int, n_chunks: int,
     log.info("evaluating %s (%s, %s)", name, prep.path, human_bytes(facts.file_size))
     tpl = _template_for(inputs, facts)
     mem = _MemoryPeak()
-    with contextlib.closing(chat.load_model(prep.path, n_ctx=prep.ctx, n_batch=n_ctx,
-                                            seed=seed, threads=threads, progress=f"load {name}")) as llm:
+    with contextlib.closing(chat.load_model(prep.path, n_ctx=prep.ctx, n_batch=n_ctx, seed=options.seed,
+                                            threads=options.threads, progress=f"load {name}")) as llm:
         mem.sample()
         ppl, kl = measure_perplexity(llm, prep.tokens, n_ctx=n_ctx, n_chunks=n_chunks, reference=reference,
                                      save_reference=save, desc=f"perplexity {name}", on_chunk=mem.sample)
-        spd = measure_speed(llm, prep.tokens, n_prompt=speed_prompt, n_gen=speed_gen,
-                            desc=f"speed {name}") if speed else None
+        spd = measure_speed(llm, prep.tokens, n_prompt=options.speed_prompt, n_gen=options.speed_gen,
+                            desc=f"speed {name}") if options.speed else None
         mem.sample()
-        samples = run_samples(llm, inputs.prompts, template=tpl, max_tokens=max_tokens) if inputs.prompts else ()
+        samples = (run_samples(llm, inputs.prompts, template=tpl, max_tokens=options.max_tokens)
+                   if inputs.prompts else ())
         mem.sample()
     return VariantReport(name=name, model=facts, template=tpl.name, perplexity=ppl, kl=kl, speed=spd,
                          samples=samples, is_reference=save is not None, memory=mem.result(),
                          seconds=time.perf_counter() - t0)
 
 
-def _settings(*, n_ctx: int, n_chunks: int, gen_ctx: int | None, samples_per_category: int | None,
-              max_samples: int | None, max_tokens: int, seed: int, threads: int | None, template: str | None,
-              speed: bool, speed_prompt: int, speed_gen: int, title: str) -> dict:
-    return {"n_ctx": n_ctx, "n_chunks": n_chunks, "gen_ctx": gen_ctx, "samples_per_category": samples_per_category,
-            "max_samples": max_samples, "max_tokens": max_tokens, "sampling": asdict(chat.Sampling.greedy()),
-            "seed": seed, "threads": threads or chat.physical_cores(), "template_override": template,
-            "speed": {"prompt_tokens": speed_prompt, "gen_tokens": speed_gen} if speed else None, "title": title}
+def _settings(options: PassOptions, *, n_ctx: int, n_chunks: int, title: str) -> dict:
+    """The report's ``settings``: the pass's context and chunks, ``options`` and the title."""
+    o = options
+    return {"n_ctx": n_ctx, "n_chunks": n_chunks, "gen_ctx": o.gen_ctx, "samples_per_category": o.samples_per_category,
+            "max_samples": o.max_samples, "max_tokens": o.max_tokens, "sampling": asdict(chat.Sampling.greedy()),
+            "seed": o.seed, "threads": o.threads or chat.physical_cores(), "template_override": o.template,
+            "speed": {"prompt_tokens": o.speed_prompt, "gen_tokens": o.speed_gen} if o.speed else None,
+            "title": title}
 
 
 # ------------------------------------------------------------------ the reference, computed once
@@ -1133,47 +1176,28 @@ def _is_gguf_file(p: str | Path | ReferenceResult | None) -> bool:
     return p is not None and not isinstance(p, ReferenceResult) and Path(p).is_file()
 
 
-def reference_pass(
-    model_gguf: str | Path,
-    *,
-    out: str | Path,
-    text: str | Path | None = None,
-    n_ctx: int | None = None,
-    n_chunks: int | None = None,
-    threads: int | None = None,
-    name: str | None = None,
-    prompts: str | Path | None | bool = None,
-    template: str | None = None,
-    gen_ctx: int | None = DEFAULT_GEN_CTX,
-    samples_per_category: int | None = DEFAULT_SAMPLES_PER_CATEGORY,
-    max_samples: int | None = DEFAULT_MAX_SAMPLES,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    tokenizers: Sequence[str | Path] | Mapping[str, str | Path] = (),
-    speed: bool = True,
-    speed_prompt: int = DEFAULT_SPEED_PROMPT,
-    speed_gen: int = DEFAULT_SPEED_GEN,
-    seed: int = 0,
-    title: str | None = None,
-    plot: bool = True,
-) -> ReferenceResult:
+def reference_pass(model_gguf: str | Path, *, out: str | Path, text: str | Path | None = None,
+                   n_ctx: int | None = None, n_chunks: int | None = None, name: str | None = None,
+                   tokenizers: Sequence[str | Path] | Mapping[str, str | Path] = (),
+                   options: PassOptions = PassOptions(), title: str | None = None,
+                   plot: bool = True) -> ReferenceResult:
     """Evaluate the float reference (the f16 GGUF) once and store what every variant's KL needs.
 
     Writes into ``out``: the reference's own report (report.json/.md/.png: its perplexity, speed,
     samples, memory, and the tokenizer rows), ``ref-logprobs.npy`` + ``ref-positions.npz`` (its
     predictions in the compact form, ``reference_bytes(chunks, n_ctx, vocab)`` bytes), ``ref-text.txt``
     and ``reference.json`` (written last). ``n_ctx`` None = DEFAULT_N_CTX; ``n_chunks`` None =
-    DEFAULT_N_CHUNKS, 0 = every chunk the text holds. ``plot=False`` leaves report.png out (a report
-    that ``combine_reports`` + ``write_report`` will plot). Every input is read and checked, and the
-    disk space for the stored predictions checked, before the model is loaded.
+    DEFAULT_N_CHUNKS, 0 = every chunk the text holds. ``options`` (``PassOptions``): the samples, the
+    speed test, seed and threads. ``plot=False`` leaves report.png out (a report that
+    ``combine_reports`` + ``write_report`` will plot). Every input is read and checked, and the disk
+    space for the stored predictions checked, before the model is loaded.
     """
     out = Path(out)
     n_ctx = n_ctx or DEFAULT_N_CTX
-    inputs = _read_inputs(text=text, prompts=prompts, template=template, tokenizers=tokenizers,
-                          samples_per_category=samples_per_category, max_samples=max_samples)
+    inputs = _read_inputs(text=text, tokenizers=tokenizers, options=options)
     facts = cached_model_facts(model_gguf)
     name = name or variant_name(facts)
-    prep = _prepare(model_gguf, name=name, facts=facts, inputs=inputs, n_ctx=n_ctx, gen_ctx=gen_ctx,
-                    max_tokens=max_tokens)
+    prep = _prepare(model_gguf, name=name, facts=facts, inputs=inputs, n_ctx=n_ctx, options=options)
     chunks = resolve_chunks(len(prep.tokens), n_ctx, n_chunks)
     per_chunk = n_ctx - n_ctx // 2 - 1
     nbytes = reference_bytes(chunks, n_ctx, facts.vocab_size)
@@ -1184,19 +1208,14 @@ def reference_pass(
     t0 = time.perf_counter()
     with atomic_path(out / LOGPROBS_FILE) as tmp_codes, atomic_path(out / POSITIONS_FILE) as tmp_positions:
         store = ReferenceLogProbs.create(tmp_codes, n_chunks=chunks, per_chunk=per_chunk, n_vocab=facts.vocab_size)
-        row = _run_model(prep, inputs, n_ctx=n_ctx, n_chunks=chunks, reference=None, save=store,
-                         speed=speed, speed_prompt=speed_prompt, speed_gen=speed_gen, max_tokens=max_tokens,
-                         seed=seed, threads=threads)
+        row = _run_model(prep, inputs, n_ctx=n_ctx, n_chunks=chunks, reference=None, save=store, options=options)
         store.flush()
         store.write_positions(tmp_positions)
         del store  # unmap the codes before they are renamed into place
     write_text_atomic(out / TEXT_FILE, inputs.text)
     logprob_bytes = (out / LOGPROBS_FILE).stat().st_size
     total = sum((out / f).stat().st_size for f in (LOGPROBS_FILE, POSITIONS_FILE, TEXT_FILE))
-    settings = _settings(n_ctx=n_ctx, n_chunks=chunks, gen_ctx=gen_ctx, samples_per_category=samples_per_category,
-                         max_samples=max_samples, max_tokens=max_tokens, seed=seed, threads=threads,
-                         template=template, speed=speed, speed_prompt=speed_prompt, speed_gen=speed_gen,
-                         title=title or _default_title([row]))
+    settings = _settings(options, n_ctx=n_ctx, n_chunks=chunks, title=title or _default_title([row]))
     settings["reference_bytes"] = total
     report = Report(out=out, json_path=out / "report.json", md_path=out / "report.md", plot_path=out / "report.png",
                     variants=(row,), reference=name, text=inputs.text_info(len(prep.tokens)),
@@ -1219,8 +1238,12 @@ def reference_pass(
     return ReferenceResult.load(out)
 
 
-def _reference_settings(ref: ReferenceResult, n_ctx: int | None, n_chunks: int | None) -> tuple[int, int]:
-    """n_ctx and chunks of an evaluation against a stored reference: the reference's; any asked for must match."""
+def _ctx_and_chunks(ref: ReferenceResult | None, n_ctx: int | None,
+                        n_chunks: int | None) -> tuple[int, int | None]:
+    """n_ctx and chunks of an evaluation: against a stored reference the reference's (any asked for must
+    match); without one ``n_ctx`` or DEFAULT_N_CTX, and ``n_chunks`` as given (``resolve_chunks`` later)."""
+    if ref is None:
+        return n_ctx or DEFAULT_N_CTX, n_chunks
     if n_ctx is not None and n_ctx != ref.n_ctx:
         raise InputError(f"n_ctx={n_ctx} asked for; the reference in {ref.out} was computed with n_ctx={ref.n_ctx}",
                          expected="the reference's context (KL compares the same positions)",
@@ -1232,30 +1255,10 @@ def _reference_settings(ref: ReferenceResult, n_ctx: int | None, n_chunks: int |
     return ref.n_ctx, ref.n_chunks
 
 
-def evaluate(
-    model_gguf: str | Path,
-    *,
-    out: str | Path,
-    reference: ReferenceResult | str | Path | None = None,
-    text: str | Path | None = None,
-    prompts: str | Path | None | bool = None,
-    template: str | None = None,
-    n_ctx: int | None = None,
-    n_chunks: int | None = None,
-    name: str | None = None,
-    gen_ctx: int | None = DEFAULT_GEN_CTX,
-    samples_per_category: int | None = DEFAULT_SAMPLES_PER_CATEGORY,
-    max_samples: int | None = DEFAULT_MAX_SAMPLES,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    tokenizers: Sequence[str | Path] | Mapping[str, str | Path] = (),
-    speed: bool = True,
-    speed_prompt: int = DEFAULT_SPEED_PROMPT,
-    speed_gen: int = DEFAULT_SPEED_GEN,
-    seed: int = 0,
-    threads: int | None = None,
-    title: str | None = None,
-    plot: bool = True,
-) -> Report:
+def evaluate(model_gguf: str | Path, *, out: str | Path, reference: ReferenceResult | str | Path | None = None,
+             text: str | Path | None = None, n_ctx: int | None = None, n_chunks: int | None = None,
+             name: str | None = None, tokenizers: Sequence[str | Path] | Mapping[str, str | Path] = (),
+             options: PassOptions = PassOptions(), title: str | None = None, plot: bool = True) -> Report:
     """Evaluate one GGUF into a report under ``out``: perplexity, speed, samples, memory and, against
     ``reference``, KL / top-1 agreement / PPL ratio.
 
@@ -1265,27 +1268,21 @@ def evaluate(
     (copied) and this variant's. The reference's own model file gives the reference's report as it is.
     ``reference`` may also be the f16 GGUF itself: it is then evaluated first, into
     ``out/reference`` (one reference pass per call; pass the folder to reuse it).
-    ``name`` defaults to the GGUF's file type ("q4_0"). ``prompts=False`` skips generation samples;
-    ``samples_per_category``/``max_samples`` 0 = no limit; ``n_chunks`` 0 = every chunk of the text.
-    ``template`` overrides the automatic choice (alpaca if the vocabulary holds [PAD], else plain);
-    ``plot=False`` leaves report.png out. Every input is read and checked (the text tokenized with the
-    model's vocabulary) before the model's weights are loaded; the report files are written atomically.
+    ``name`` defaults to the GGUF's file type ("q4_0"); ``n_chunks`` 0 = every chunk of the text.
+    ``options`` (``PassOptions``): the samples (``prompts=False`` skips them; ``samples_per_category``/
+    ``max_samples`` 0 = no limit; ``template`` overrides the automatic choice, alpaca if the vocabulary
+    holds [PAD], else plain), the speed test, seed and threads. ``plot=False`` leaves report.png out.
+    Every input is read and checked (the text tokenized with the model's vocabulary) before the model's
+    weights are loaded; the report files are written atomically.
     """
-    options = dict(text=text, prompts=prompts, template=template, n_ctx=n_ctx, n_chunks=n_chunks, gen_ctx=gen_ctx,
-                   samples_per_category=samples_per_category, max_samples=max_samples, max_tokens=max_tokens,
-                   tokenizers=tokenizers, speed=speed, speed_prompt=speed_prompt, speed_gen=speed_gen, seed=seed,
-                   threads=threads, title=title)
     if _is_gguf_file(reference):
         return evaluate_variants([model_gguf] if name is None else {name: model_gguf}, reference=reference, out=out,
-                                 **options)
+                                 text=text, n_ctx=n_ctx, n_chunks=n_chunks, tokenizers=tokenizers, options=options,
+                                 title=title)
     out = Path(out)
     ref = _as_reference(reference) if reference is not None else None
-    if ref is not None:
-        n_ctx, n_chunks = _reference_settings(ref, n_ctx, n_chunks)
-    else:
-        n_ctx = n_ctx or DEFAULT_N_CTX
-    inputs = _read_inputs(text=text, prompts=prompts, template=template, tokenizers=tokenizers,
-                          samples_per_category=samples_per_category, max_samples=max_samples, reference=ref)
+    n_ctx, n_chunks = _ctx_and_chunks(ref, n_ctx, n_chunks)
+    inputs = _read_inputs(text=text, tokenizers=tokenizers, options=options, reference=ref)
     facts = cached_model_facts(model_gguf)
     name = name or variant_name(facts)
     if ref is not None:
@@ -1298,24 +1295,19 @@ def evaluate(
         if name == ref.name:
             raise InputError(f"variant name {name!r} is the reference's", expected="a name of its own",
                              fix="pass another name (--name)")
-    prep = _prepare(model_gguf, name=name, facts=facts, inputs=inputs, n_ctx=n_ctx, gen_ctx=gen_ctx,
-                    max_tokens=max_tokens, reference=ref)
+    prep = _prepare(model_gguf, name=name, facts=facts, inputs=inputs, n_ctx=n_ctx, options=options, reference=ref)
     chunks = ref.n_chunks if ref is not None else resolve_chunks(len(prep.tokens), n_ctx, n_chunks)
     check_disk_space(out, 1_000_000, what="the evaluation report")
     out.mkdir(parents=True, exist_ok=True)
     row = _run_model(prep, inputs, n_ctx=n_ctx, n_chunks=chunks,
-                     reference=ref.logprobs() if ref is not None else None, save=None, speed=speed,
-                     speed_prompt=speed_prompt, speed_gen=speed_gen, max_tokens=max_tokens, seed=seed, threads=threads)
+                     reference=ref.logprobs() if ref is not None else None, save=None, options=options)
     if ref is not None:
         variants = (ref.variant, row)
         tok_rows = _merge_rows(ref.report.tokenizers, inputs.tokenizer_rows + (prep.vocab_row,))
     else:
         variants = (row,)
         tok_rows = inputs.tokenizer_rows + (prep.vocab_row,)
-    settings = _settings(n_ctx=n_ctx, n_chunks=chunks, gen_ctx=gen_ctx, samples_per_category=samples_per_category,
-                         max_samples=max_samples, max_tokens=max_tokens, seed=seed, threads=threads,
-                         template=template, speed=speed, speed_prompt=speed_prompt, speed_gen=speed_gen,
-                         title=title or _default_title(variants))
+    settings = _settings(options, n_ctx=n_ctx, n_chunks=chunks, title=title or _default_title(variants))
     if ref is not None:
         settings["reference_bytes"] = ref.total_bytes
     report = Report(out=out, json_path=out / "report.json", md_path=out / "report.md", plot_path=out / "report.png",
@@ -1334,28 +1326,11 @@ def _merge_rows(*groups: Sequence[TokenizerRow]) -> tuple[TokenizerRow, ...]:
     return tuple(out.values())
 
 
-def evaluate_variants(
-    variants: Mapping[str, str | Path] | Sequence[str | Path],
-    *,
-    reference: ReferenceResult | str | Path | None = None,
-    out: str | Path,
-    text: str | Path | None = None,
-    prompts: str | Path | None | bool = None,
-    template: str | None = None,
-    n_ctx: int | None = None,
-    n_chunks: int | None = None,
-    gen_ctx: int | None = DEFAULT_GEN_CTX,
-    samples_per_category: int | None = DEFAULT_SAMPLES_PER_CATEGORY,
-    max_samples: int | None = DEFAULT_MAX_SAMPLES,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    tokenizers: Sequence[str | Path] | Mapping[str, str | Path] = (),
-    speed: bool = True,
-    speed_prompt: int = DEFAULT_SPEED_PROMPT,
-    speed_gen: int = DEFAULT_SPEED_GEN,
-    seed: int = 0,
-    threads: int | None = None,
-    title: str | None = None,
-) -> Report:
+def evaluate_variants(variants: Mapping[str, str | Path] | Sequence[str | Path], *,
+                      reference: ReferenceResult | str | Path | None = None, out: str | Path,
+                      text: str | Path | None = None, n_ctx: int | None = None, n_chunks: int | None = None,
+                      tokenizers: Sequence[str | Path] | Mapping[str, str | Path] = (),
+                      options: PassOptions = PassOptions(), title: str | None = None) -> Report:
     """Evaluate several GGUF variants of one model into one report under ``out`` (``zhllama eval``).
 
     The same three steps as the build graph's nodes: ``reference_pass`` once (into
@@ -1366,7 +1341,8 @@ def evaluate_variants(
     variant that is the reference file names the reference's row and is not evaluated twice. Without a reference every variant
     gets perplexity, speed and samples, no KL. Before any model is loaded, every input is read and
     checked for every model (text, prompts, template, tokenizers; each GGUF's vocabulary against the
-    reference's and the text's tokens). The other options are ``evaluate``'s.
+    reference's and the text's tokens). ``options`` (``PassOptions``) is every model's, the
+    reference's included; the other keywords are ``evaluate``'s.
     """
     if not variants:
         raise InputError("no model to evaluate", fix="pass at least one .gguf file")
@@ -1374,12 +1350,8 @@ def evaluate_variants(
     ref_gguf = Path(reference) if _is_gguf_file(reference) else None
     stored = _as_reference(reference) if reference is not None and ref_gguf is None else None
     # every input of every model, before any model is loaded: the cheap ones first
-    if stored is not None:
-        ctx, _ = _reference_settings(stored, n_ctx, n_chunks)
-    else:
-        ctx = n_ctx or DEFAULT_N_CTX
-    inputs = _read_inputs(text=text, prompts=prompts, template=template, tokenizers=tokenizers,
-                          samples_per_category=samples_per_category, max_samples=max_samples, reference=stored)
+    ctx, _ = _ctx_and_chunks(stored, n_ctx, n_chunks)
+    inputs = _read_inputs(text=text, tokenizers=tokenizers, options=options, reference=stored)
     variants = _named_variants(variants)
     facts = {n: cached_model_facts(p) for n, p in variants.items()}
     ref_name: str | None = None
@@ -1402,26 +1374,22 @@ def evaluate_variants(
                              fix="pass another --name")
     ref_tokens = None
     if ref_gguf is not None:
-        ref_tokens = _prepare(ref_gguf, name=ref_name, facts=ref_facts, inputs=inputs, n_ctx=ctx, gen_ctx=gen_ctx,
-                              max_tokens=max_tokens).tokens
+        ref_tokens = _prepare(ref_gguf, name=ref_name, facts=ref_facts, inputs=inputs, n_ctx=ctx,
+                              options=options).tokens
     for n, p in todo.items():
-        prep = _prepare(p, name=n, facts=facts[n], inputs=inputs, n_ctx=ctx, gen_ctx=gen_ctx,
-                        max_tokens=max_tokens, reference=stored)
+        prep = _prepare(p, name=n, facts=facts[n], inputs=inputs, n_ctx=ctx, options=options, reference=stored)
         if ref_tokens is not None and prep.tokens != ref_tokens:
             raise InputError(f"{n} tokenizes the evaluation text to {len(prep.tokens)} tokens, not as the "
                              f"reference does ({len(ref_tokens)})", expected="the reference's vocabulary",
                              fix="evaluate quantizations of the reference model against it")
-    common = dict(prompts=prompts, template=template, gen_ctx=gen_ctx, samples_per_category=samples_per_category,
-                  max_samples=max_samples, max_tokens=max_tokens, tokenizers=tokenizers, speed=speed,
-                  speed_prompt=speed_prompt, speed_gen=speed_gen, seed=seed, threads=threads)
     if ref_gguf is not None:
         stored = reference_pass(ref_gguf, out=out / "reference", name=ref_name, text=text, n_ctx=ctx,
-                                n_chunks=n_chunks, plot=False, **common)
+                                n_chunks=n_chunks, tokenizers=tokenizers, options=options, plot=False)
         n_ctx, n_chunks = None, None  # from the reference from now on
     paths = [stored.report.json_path] if stored is not None else []
     for n, p in todo.items():
         paths.append(evaluate(p, out=out / "variants" / n, reference=stored, name=n, text=text, n_ctx=n_ctx,
-                              n_chunks=n_chunks, plot=False, **common).json_path)
+                              n_chunks=n_chunks, tokenizers=tokenizers, options=options, plot=False).json_path)
     report = combine_reports(paths, out=out, title=title)
     write_report(report)
     return report

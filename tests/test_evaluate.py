@@ -19,6 +19,7 @@ from pipeline_lib.errors import InputError
 
 N_CTX = 64
 N_CHUNKS = 3
+QUIET = ev.PassOptions(prompts=False, speed=False)  # perplexity and KL only
 
 
 def _naive_perplexity(model: Path, text: str, *, n_ctx: int, n_chunks: int) -> tuple[float, int]:
@@ -110,9 +111,10 @@ def test_logprob_grid_and_stored_kl_on_peaked_distributions(tmp_path):
 @pytest.fixture(scope="module")
 def reference(eval_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    return ev.reference_pass(eval_models.alpaca_f16, out=out, n_ctx=N_CTX, n_chunks=N_CHUNKS, max_tokens=4,
-                             max_samples=0, tokenizers={"LLaMA (base)": eval_models.llama_tokenizer,
-                                                        "merged Chinese": eval_models.alpaca_tokenizer})
+    return ev.reference_pass(eval_models.alpaca_f16, out=out, n_ctx=N_CTX, n_chunks=N_CHUNKS,
+                             options=ev.PassOptions(max_tokens=4, max_samples=0),
+                             tokenizers={"LLaMA (base)": eval_models.llama_tokenizer,
+                                         "merged Chinese": eval_models.alpaca_tokenizer})
 
 
 def test_reference_pass_writes_a_bounded_reusable_reference(reference, eval_models):
@@ -149,8 +151,7 @@ def test_stored_reference_kl_equals_in_process_numbers(reference, eval_models, t
             rows = np.arange(len(t))
             nll += (-lq[rows, t]).tolist()
             nll_ref += (-lr[rows, t]).tolist()
-        kl = ev.evaluate(path, out=tmp_path / qname, reference=reference.out, prompts=False,
-                         speed=False).variant(qname).kl
+        kl = ev.evaluate(path, out=tmp_path / qname, reference=reference.out, options=QUIET).variant(qname).kl
         assert kl.scored_tokens == len(kld) == N_CHUNKS * reference.positions
         assert _within_kl_tolerance(kl.mean_kld, float(np.mean(kld))), (qname, kl.mean_kld, np.mean(kld))
         assert kl.max_kld == pytest.approx(max(kld), rel=1e-3)
@@ -162,7 +163,8 @@ def test_stored_reference_kl_equals_in_process_numbers(reference, eval_models, t
 
 
 def test_stored_reference_spares_the_f16_load(reference, eval_models, tmp_path, model_loads):
-    report = ev.evaluate(eval_models.alpaca_q4_0, out=tmp_path / "q4", reference=reference, prompts=False)
+    report = ev.evaluate(eval_models.alpaca_q4_0, out=tmp_path / "q4", reference=reference,
+                         options=ev.PassOptions(prompts=False))
     assert model_loads == [eval_models.alpaca_q4_0.name]
     assert [v.name for v in report.variants] == ["f16", "q4_0"] and report.reference == "f16"
     assert report.variant("f16") == reference.variant  # the reference's row, copied, not recomputed
@@ -217,8 +219,9 @@ def quant_report(eval_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     return ev.evaluate_variants(
         {"q8_0": eval_models.alpaca_q8_0, "q4_0": eval_models.alpaca_q4_0},
-        reference=eval_models.alpaca_f16, out=out, n_ctx=N_CTX, n_chunks=N_CHUNKS, samples_per_category=1,
-        max_samples=0, max_tokens=4, tokenizers=[eval_models.llama_tokenizer, eval_models.alpaca_tokenizer],
+        reference=eval_models.alpaca_f16, out=out, n_ctx=N_CTX, n_chunks=N_CHUNKS,
+        options=ev.PassOptions(samples_per_category=1, max_samples=0, max_tokens=4),
+        tokenizers=[eval_models.llama_tokenizer, eval_models.alpaca_tokenizer],
     )
 
 
@@ -241,6 +244,37 @@ def test_quantization_shows_kl_and_ordering(quant_report):
     assert ref.model.n_params == q4.model.n_params
 
 
+def test_one_options_record_reaches_every_pass(quant_report):
+    """evaluate_variants hands its PassOptions to the reference pass and to every variant's pass: each
+    report's settings record the same options, and the samples follow them."""
+    out = quant_report.out
+    expected = {"gen_ctx": None, "samples_per_category": 1, "max_samples": 0, "max_tokens": 4, "seed": 0,
+                "template_override": None, "speed": {"prompt_tokens": ev.DEFAULT_SPEED_PROMPT,
+                                                     "gen_tokens": ev.DEFAULT_SPEED_GEN}}
+    for folder in (out / "reference", out / "variants" / "q8_0", out / "variants" / "q4_0", out):
+        settings = ev.Report.load(folder).settings
+        assert {k: settings[k] for k in expected} == expected, folder
+        assert settings["threads"] == chat.physical_cores()
+    categories = {it.category for it in ev.load_prompts()}
+    for v in quant_report.variants:
+        assert {s.category for s in v.samples} == categories and len(v.samples) == len(categories), v.name
+        assert all(s.completion_tokens <= 4 * len(s.turns) for s in v.samples), v.name
+        assert v.speed is not None and v.speed.prompt_tokens == ev.DEFAULT_SPEED_PROMPT
+
+
+def test_build_eval_options_map_to_the_pass_options():
+    """The BuildSpec's EvalOptions defaults are the library's PassOptions defaults; every knob reaches
+    its field (the build's evaluation stages call _pass_options)."""
+    from pipeline_lib.buildspec import EvalOptions
+    from pipeline_lib.pipeline.stages import _pass_options
+
+    assert _pass_options(EvalOptions().model_dump()) == ev.PassOptions()
+    knobs = EvalOptions(generate=False, samples_per_category=2, max_samples=0, max_new_tokens=7,
+                        speed_prompt_tokens=9, speed_gen_tokens=5, threads=3)
+    assert _pass_options(knobs.model_dump()) == ev.PassOptions(
+        prompts=False, samples_per_category=2, max_samples=None, max_tokens=7, speed_prompt=9, speed_gen=5, threads=3)
+
+
 def test_eval_runs_the_reference_once_for_reuse(quant_report, eval_models, tmp_path, model_loads):
     out = quant_report.out
     stored = ev.ReferenceResult.load(out / "reference")
@@ -248,14 +282,14 @@ def test_eval_runs_the_reference_once_for_reuse(quant_report, eval_models, tmp_p
     assert {p.name for p in (out / "variants").iterdir()} == {"q8_0", "q4_0"}
     # an earlier run's reference folder as --reference: the quants again, the f16 never loaded
     again = ev.evaluate_variants({"q4_0": eval_models.alpaca_q4_0}, reference=out / "reference",
-                                 out=tmp_path / "again", prompts=False, speed=False)
+                                 out=tmp_path / "again", options=QUIET)
     assert model_loads == [eval_models.alpaca_q4_0.name]
     assert again.variant("q4_0").kl.mean_kld == pytest.approx(quant_report.variant("q4_0").kl.mean_kld, rel=1e-12)
     # the GGUF-reference path loads each model exactly once
     model_loads.clear()
     ev.evaluate_variants({"q4_0": eval_models.alpaca_q4_0, "q8_0": eval_models.alpaca_q8_0},
                          reference=eval_models.alpaca_f16, out=tmp_path / "once", n_ctx=N_CTX, n_chunks=1,
-                         prompts=False, speed=False)
+                         options=QUIET)
     assert sorted(model_loads) == sorted(p.name for p in (eval_models.alpaca_f16, eval_models.alpaca_q4_0,
                                                          eval_models.alpaca_q8_0))
 
@@ -329,7 +363,8 @@ def test_speed_test_is_bounded(eval_models, monkeypatch):
 
 def test_progress_for_load_perplexity_and_speed(reference, eval_models, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ZHLLAMA_PROGRESS", "1")
-    ev.evaluate(eval_models.alpaca_q4_0, out=tmp_path / "q4", reference=reference, prompts=False)
+    ev.evaluate(eval_models.alpaca_q4_0, out=tmp_path / "q4", reference=reference,
+                options=ev.PassOptions(prompts=False))
     err = capsys.readouterr().err
     for bar_name in ("load q4_0", "perplexity q4_0", "speed q4_0"):
         assert bar_name in err, err
@@ -383,14 +418,14 @@ def test_llama_model_uses_plain_continuation(eval_models, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"id": "x", "category": "open_qa", "prompt": "从前有座山"}, ensure_ascii=False)
                        + "\n", encoding="utf-8")
-    report = ev.evaluate(eval_models.llama_f16, out=tmp_path / "out", prompts=prompts, n_ctx=N_CTX,
-                         n_chunks=2, max_tokens=3, speed=False)
+    options = ev.PassOptions(prompts=prompts, max_tokens=3, speed=False)
+    report = ev.evaluate(eval_models.llama_f16, out=tmp_path / "out", n_ctx=N_CTX, n_chunks=2, options=options)
     v = report.variants[0]
     assert v.template == "plain" and v.samples[0].prompt == "从前有座山"
     assert v.kl is None and v.speed is None and report.reference is None
     assert v.perplexity.n_chunks == 2
-    forced = ev.evaluate(eval_models.llama_f16, out=tmp_path / "out2", prompts=prompts, n_ctx=N_CTX,
-                         n_chunks=2, max_tokens=3, speed=False, template="alpaca")
+    forced = ev.evaluate(eval_models.llama_f16, out=tmp_path / "out2", n_ctx=N_CTX, n_chunks=2,
+                         options=replace(options, template="alpaca"))
     assert forced.variants[0].samples[0].prompt.startswith(chat.ALPACA_PREAMBLE)
 
 
@@ -399,7 +434,7 @@ def test_bad_inputs_fail_before_writing(eval_models, tmp_path, model_loads):
     short = tmp_path / "short.txt"
     short.write_text("太短了。", encoding="utf-8")
     with pytest.raises(InputError, match="at least"):
-        ev.evaluate(eval_models.alpaca_f16, out=out, text=short, n_ctx=N_CTX, prompts=False, speed=False)
+        ev.evaluate(eval_models.alpaca_f16, out=out, text=short, n_ctx=N_CTX, options=QUIET)
     assert not (out / "report.json").exists()
     not_gguf = tmp_path / "model.gguf"
     not_gguf.write_bytes(b"ggjt" + b"\0" * 64)
@@ -410,12 +445,12 @@ def test_bad_inputs_fail_before_writing(eval_models, tmp_path, model_loads):
     bad_prompts = tmp_path / "bad.jsonl"
     bad_prompts.write_text("{not json\n", encoding="utf-8")
     with pytest.raises(InputError, match="bad.jsonl:1"):
-        ev.evaluate(eval_models.alpaca_f16, out=out, prompts=bad_prompts)
+        ev.evaluate(eval_models.alpaca_f16, out=out, options=ev.PassOptions(prompts=bad_prompts))
     long_prompt = tmp_path / "long.jsonl"
     long_prompt.write_text(json.dumps({"id": "long", "prompt": "长" * 3000}, ensure_ascii=False) + "\n",
                            encoding="utf-8")
     with pytest.raises(InputError, match="sample prompt long"):
-        ev.evaluate(eval_models.alpaca_f16, out=out, prompts=long_prompt, n_ctx=N_CTX)
+        ev.evaluate(eval_models.alpaca_f16, out=out, n_ctx=N_CTX, options=ev.PassOptions(prompts=long_prompt))
     not_sp = tmp_path / "tokenizer.model"
     not_sp.write_bytes(b"not a sentencepiece model")
     with pytest.raises(InputError, match="not a sentencepiece tokenizer"):
@@ -428,7 +463,7 @@ def test_reference_copy_in_variants_is_not_evaluated_twice(eval_models, tmp_path
     copy = tmp_path / "copy-f16.gguf"
     shutil.copyfile(eval_models.alpaca_f16, copy)
     report = ev.evaluate_variants({"f16": eval_models.alpaca_f16, "copy": copy}, reference=eval_models.alpaca_f16,
-                                  out=tmp_path / "out", n_ctx=N_CTX, n_chunks=2, prompts=False, speed=False)
+                                  out=tmp_path / "out", n_ctx=N_CTX, n_chunks=2, options=QUIET)
     assert [v.name for v in report.variants] == ["f16", "copy"]
     assert model_loads == [eval_models.alpaca_f16.name, copy.name]
     # the same weights: the stored 16-bit reference gives ~0 (second order in the grid step), never less
@@ -438,7 +473,7 @@ def test_reference_copy_in_variants_is_not_evaluated_twice(eval_models, tmp_path
 
 
 def test_combine_reports_puts_the_reference_first(reference, eval_models, tmp_path):
-    reps = {q: ev.evaluate(p, out=tmp_path / q, reference=reference, prompts=False, speed=False)
+    reps = {q: ev.evaluate(p, out=tmp_path / q, reference=reference, options=QUIET)
             for q, p in (("q4_0", eval_models.alpaca_q4_0), ("q8_0", eval_models.alpaca_q8_0))}
     combined = ev.combine_reports([reps["q4_0"].json_path, reference.out, reps["q8_0"].out],
                                   out=tmp_path / "all", title="tiny")
@@ -450,7 +485,7 @@ def test_combine_reports_puts_the_reference_first(reference, eval_models, tmp_pa
     assert ev.Report.from_dict(combined.to_dict()) == combined
     # reports of different evaluations are not combined
     other = ev.reference_pass(eval_models.alpaca_f16, out=tmp_path / "other-ref", n_ctx=2 * N_CTX, n_chunks=1,
-                              prompts=False, speed=False)
+                              options=QUIET)
     with pytest.raises(InputError, match="different contexts"):
         ev.combine_reports([other.out, reps["q4_0"].out], out=tmp_path / "bad")
     twin = replace(reps["q8_0"].variant("q8_0"), name="q4_0")

@@ -76,7 +76,7 @@ REPORT_FILES = ("report.json", "report.md", "report.png")
 
 def run(args) -> int:
     from pipeline_lib.errors import InputError
-    from pipeline_lib.evaluate import evaluate_variants
+    from pipeline_lib.evaluate import PassOptions, evaluate_variants
     from pipeline_lib.fsutil import claim_output, human_bytes
 
     inputs = [*args.models, args.reference, args.text, args.prompts, *args.tokenizer]
@@ -91,13 +91,14 @@ def run(args) -> int:
         raise InputError(f"--name {' '.join(args.name)}", expected="a different name per model")
     # named by file type inside, after the cheap input checks (reading a GGUF's vocabulary takes seconds)
     variants = dict(zip(args.name, args.models, strict=True)) if args.name else list(args.models)
-    report = evaluate_variants(
-        variants, reference=args.reference, out=out, text=args.text,
-        prompts=False if args.no_samples else args.prompts, template=args.template, n_ctx=args.ctx,
-        n_chunks=args.chunks, samples_per_category=args.samples_per_category, max_samples=args.samples,
-        max_tokens=args.max_tokens, tokenizers=args.tokenizer, speed=not args.no_speed,
-        speed_prompt=args.speed_prompt, speed_gen=args.speed_gen, seed=args.seed, threads=args.threads,
+    options = PassOptions(
+        prompts=False if args.no_samples else args.prompts, template=args.template,
+        samples_per_category=args.samples_per_category, max_samples=args.samples, max_tokens=args.max_tokens,
+        speed=not args.no_speed, speed_prompt=args.speed_prompt, speed_gen=args.speed_gen, seed=args.seed,
+        threads=args.threads,
     )
+    report = evaluate_variants(variants, reference=args.reference, out=out, text=args.text, n_ctx=args.ctx,
+                               n_chunks=args.chunks, tokenizers=args.tokenizer, options=options)
     for v in report.variants:
         p, k = v.perplexity, v.kl
         line = f"{v.name:10} {v.model.file_size / 1e6:9.1f} MB  {v.model.bits_per_weight:5.2f} bpw  PPL {p.ppl:.4f}"

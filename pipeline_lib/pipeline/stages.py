@@ -22,12 +22,15 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..fsutil import sha256_bytes, write_text_atomic
 from ..store import Entry, Store, canonical_json
 from .graph import StageNode
 from .plan import BuildPlan, source_fingerprint
+
+if TYPE_CHECKING:  # evaluate (numpy, llama.cpp) is imported when a stage runs
+    from ..evaluate import PassOptions
 
 
 @dataclass(frozen=True)
@@ -415,12 +418,15 @@ def ggml_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
                         produce=produce, label=node.label)
 
 
-def _sample_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
-    """EvalOptions (BuildSpec) -> the evaluate module's options that every model's pass takes."""
-    return {"prompts": None if options["generate"] else False, "samples_per_category": options["samples_per_category"],
-            "max_samples": options["max_samples"] or None, "max_tokens": options["max_new_tokens"],
-            "speed_prompt": options["speed_prompt_tokens"], "speed_gen": options["speed_gen_tokens"],
-            "threads": options["threads"], "plot": False}
+def _pass_options(options: Mapping[str, Any]) -> PassOptions:
+    """EvalOptions (BuildSpec, as a dict) -> the evaluate.PassOptions that every model's pass takes."""
+    from ..evaluate import PassOptions
+
+    return PassOptions(prompts=None if options["generate"] else False,
+                       samples_per_category=options["samples_per_category"],
+                       max_samples=options["max_samples"] or None, max_tokens=options["max_new_tokens"],
+                       speed_prompt=options["speed_prompt_tokens"], speed_gen=options["speed_gen_tokens"],
+                       threads=options["threads"])
 
 
 def evaluate_reference_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
@@ -434,7 +440,8 @@ def evaluate_reference_request(node: StageNode, args: Mapping[str, Any]) -> Stag
         toks = {name: tokenizer_model(e) for name, e in tokenizers.items()}
         ref = reference_pass(gguf_file(gguf), out=tmp, name=label, text=options.get("text"), n_ctx=options["n_ctx"],
                              n_chunks=0 if options["max_chunks"] is None else options["max_chunks"],
-                             tokenizers={n: t for n, t in toks.items() if t is not None}, **_sample_kwargs(options))
+                             tokenizers={n: t for n, t in toks.items() if t is not None},
+                             options=_pass_options(options), plot=False)
         return {"label": label, "n_chunks": ref.n_chunks, "reference_bytes": ref.total_bytes}
 
     return StageRequest("evaluate-reference", inputs={"gguf": digest(gguf)} | {
@@ -450,7 +457,8 @@ def evaluate_request(node: StageNode, args: Mapping[str, Any]) -> StageRequest:
     def produce(tmp: Path) -> dict:
         from ..evaluate import evaluate
 
-        evaluate(gguf_file(variant), out=tmp, reference=reference.path, name=label, **_sample_kwargs(options))
+        evaluate(gguf_file(variant), out=tmp, reference=reference.path, name=label, options=_pass_options(options),
+                 plot=False)
         return {"label": label}
 
     return StageRequest("evaluate", inputs={"variant": digest(variant), "reference": digest(reference)},

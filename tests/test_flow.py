@@ -603,3 +603,28 @@ def test_a_mirror_that_echoes_the_token_never_gets_it_printed_or_stored(prefect_
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
     assert run.state.is_failed()
     assert token not in (run.state.message or "") and all(token not in lg.message for lg in logs)
+
+
+def test_a_local_source_edited_in_place_with_its_size_and_mtime_kept_is_no_stale_hit(tmp_path):
+    """The local fingerprint holds inode and ctime too: an edit that restores size and mtime is seen."""
+    import shutil
+
+    root = demo.ensure_demo_release(tmp_path / "src")
+    base = tmp_path / "base"
+    shutil.copytree(root / demo.ROLES["base"], base)
+    lora = [{"source": str(root / demo.ROLES[r])} for r in ("lora-0", "lora-1")]
+    spec = BuildSpec(model="custom", name="edited", base={"source": str(base)}, loras=lora, outputs=["hf"],
+                     evaluation={"enabled": False}, out_dir=str(tmp_path / "out"))
+    first = run_build(spec)
+    victim = base / "generation_config.json"
+    st = victim.stat()
+    text = victim.read_text()
+    edited = text.replace('"bos_token_id": 1', '"bos_token_id": 0')
+    assert edited != text and len(edited) == len(text)
+    victim.write_text(edited)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as before: only ctime tells
+    assert victim.stat().st_size == st.st_size and victim.stat().st_mtime_ns == st.st_mtime_ns
+    again = {s.label: s for s in run_build(spec).stages}
+    assert not again["download base"].cached, "the edited base was taken from the cache"
+    assert again["download base"].key != next(s.key for s in first.stages if s.label == "download base")
+    assert json.loads((tmp_path / "out" / "hf" / "generation_config.json").read_text())["bos_token_id"] == 0

@@ -310,9 +310,19 @@ def remove_stale_locks(directory: Path, *, dry_run: bool = False) -> list[Path]:
 LockManagerFactory = Callable[[Path], Any]
 
 
-def lock_manager(store_root: str | Path) -> Any:
-    """The transaction lock manager for this store: flock files, or Redis under ZHLLAMA_LOCKS=redis://…"""
-    return FlockLockManager(prefect_dir(store_root) / "locks")
+def lock_manager(store_root: str | Path, *, locks: str | None = None) -> Any:
+    """The transaction lock manager for this store: flock files, or Redis under ZHLLAMA_LOCKS=redis://…
+
+    The same setting picks the store's own per-key locks (``pipeline_lib.store.Store``), so a
+    stage's Prefect lock and its store lock are always on one backend."""
+    from pipeline_lib.locks import lock_url
+
+    url = lock_url(locks)
+    if url is None:
+        return FlockLockManager(prefect_dir(store_root) / "locks")
+    from .locks import redis_lock_manager
+
+    return redis_lock_manager(url, namespace=str(Path(store_root).resolve()))
 
 
 @functools.lru_cache(maxsize=16)

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from _prefect_fixtures import VENV_BIN, start_server, stop_process
 from _services import missing_postgres, missing_redis, start_postgres, start_redis
-from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from pipeline_lib import demo
 from pipeline_lib.store import Store
@@ -94,11 +94,23 @@ class WireLog(SchedulerPlugin):
             self.resources[str(key)] = dict(res)
 
 
-def _result_sizes(dask_worker) -> dict[str, int]:
-    """Run on each worker: the pickled size of every task result it holds."""
-    from distributed.protocol.pickle import dumps
+class ResultSizes(WorkerPlugin):
+    """Worker plugin: the pickled size of every task result as it lands in the worker's memory."""
 
-    return {str(k): len(dumps(v)) for k, v in dask_worker.data.items()}
+    name = "zhllama-result-sizes"
+
+    def setup(self, worker) -> None:
+        self.worker, self.sizes = worker, {}
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        from distributed.protocol.pickle import dumps
+
+        if finish == "memory" and key in self.worker.data:
+            self.sizes[str(key)] = len(dumps(self.worker.data[key]))
+
+
+def _result_sizes(dask_worker) -> dict[str, int]:
+    return dict(dask_worker.plugins[ResultSizes.name].sizes)
 
 
 def test_dask_build_on_two_worker_processes_then_all_cache_hits(prefect_server, tmp_path):
@@ -113,6 +125,7 @@ def test_dask_build_on_two_worker_processes_then_all_cache_hits(prefect_server, 
     results: dict[str, int] = {}
     with distributed.LocalCluster(**local_cluster_kwargs(2)) as cluster, distributed.Client(cluster) as client:
         cluster.scheduler.add_plugin(log)
+        client.register_plugin(ResultSizes())
         worker_pids = set(client.run(os.getpid).values())
         assert len(worker_pids) == 2 and os.getpid() not in worker_pids
         spec = _demo_spec(out, runner="dask", dask_address=cluster.scheduler_address)

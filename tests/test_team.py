@@ -30,7 +30,7 @@ from datetime import UTC
 from pathlib import Path
 
 import pytest
-from _prefect_fixtures import VENV_BIN, start_server, stop_process
+from _prefect_fixtures import VENV_BIN, stop_process
 from _services import missing_postgres, missing_redis, start_postgres, start_redis
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
@@ -450,18 +450,33 @@ def test_a_killed_lock_holder_blocks_the_other_build_until_its_lease_expires(pre
 
 @pytest.fixture(scope="module")
 def pg_server(tmp_path_factory):
-    """(Prefect server, PostgreSQL): this module's own server, on a fresh PostgreSQL (never the session's
-    SQLite one)."""
+    """(server, PostgreSQL): ``zhllama server --database postgresql+asyncpg://…`` with its worker, on a fresh
+    PostgreSQL: this module's own server, never the session's SQLite one."""
+    from _prefect_fixtures import PrefectServer, free_port
+
     why = missing_postgres()
     if why:
         pytest.skip(why)
     pg = start_postgres()
+    home = tmp_path_factory.mktemp("prefect-pg-home")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "1", "ZHLLAMA_HOME": str(home / "zh")}
+    log = home / "server.out"
     try:
-        srv = start_server(tmp_path_factory.mktemp("prefect-pg-home"), database=pg.url, timeout=180)
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen([str(VENV_BIN / "zhllama"), "server", "--database", pg.url, "--port", str(port)],
+                                    env=env, cwd=PROJECT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            yield srv, pg
+            deadline = time.monotonic() + 300
+            while "Prefect UI" not in log.read_text(errors="replace"):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+                time.sleep(1)
+            url = f"http://127.0.0.1:{port}/api"
+            yield PrefectServer(url=url, home=home, env={**env, "PREFECT_API_URL": url}, proc=proc, log=log), pg
         finally:
-            stop_process(srv.proc)
+            stop_process(proc)
     finally:
         pg.stop()
 
@@ -473,45 +488,36 @@ def _api(srv):
 
 
 def test_e2e_on_postgresql_four_concurrent_deployment_runs(pg_server, tmp_path):
+    """Deployed by `zhllama server --database …`, four `prefect deployment run` at once, its worker runs them."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     srv, pg = pg_server
-    assert srv.env["PREFECT_API_DATABASE_CONNECTION_URL"] == pg.url
-    srv.prefect("work-pool", "create", "zhllama-process", "--type", "process")
-    srv.prefect("deploy", "--name", "build-tiny-demo", "--prefect-file", "deployments/prefect.yaml", "--no-prompt",
-                cwd=PROJECT, timeout=300)
-    worker_log = tmp_path / "worker.log"
-    env = {**os.environ, **srv.env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
-    with open(worker_log, "wb") as fh:
-        worker = subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", "zhllama-process"], env=env,
-                                  cwd=PROJECT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        store, out = tmp_path / "store", tmp_path / "published"
-        params = json.dumps({"spec": {"model": "tiny-demo", "out_dir": str(out), "quant_types": ["q4_0"],
-                                      "evaluation": {"n_ctx": 64, "max_chunks": 2, "max_new_tokens": 8}}})
-        job_env = json.dumps({"ZHLLAMA_HOME": str(store)})
-        ids = []
-        for _ in range(4):
-            res = srv.prefect("deployment", "run", "build-model/build-tiny-demo", "--params", params,
-                              "--job-variable", f"env={job_env}", cwd=PROJECT)
-            ids.append(re.search(r"UUID:\s*([0-9a-f-]{36})", res.stdout).group(1))
-        with _api(srv), get_client(sync_client=True) as client:
-            deadline = time.monotonic() + RUN_TIMEOUT
-            pending = set(ids)
-            while pending and time.monotonic() < deadline:
-                for i in list(pending):
-                    run = client.read_flow_run(i)
-                    if run.state and run.state.is_final():
-                        assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n" + \
-                            worker_log.read_text(errors="replace")[-4000:]
-                        pending.discard(i)
-                time.sleep(1)
-            assert not pending, worker_log.read_text(errors="replace")[-4000:]
-            arts = {i: {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[i]))) if a.key} for i in ids}
-    finally:
-        stop_process(worker)
+    text = srv.log.read_text(errors="replace")
+    assert "(PostgreSQL postgresql+asyncpg://zhllama@127.0.0.1:" in text and "deployed build-model/build-tiny-demo" in text
+    store, out = tmp_path / "store", tmp_path / "published"
+    params = json.dumps({"spec": {"model": "tiny-demo", "out_dir": str(out), "quant_types": ["q4_0"],
+                                  "evaluation": {"n_ctx": 64, "max_chunks": 2, "max_new_tokens": 8}}})
+    job_env = json.dumps({"ZHLLAMA_HOME": str(store)})
+    ids = []
+    for _ in range(4):
+        res = srv.prefect("deployment", "run", "build-model/build-tiny-demo", "--params", params,
+                          "--job-variable", f"env={job_env}", cwd=PROJECT)
+        ids.append(re.search(r"UUID:\s*([0-9a-f-]{36})", res.stdout).group(1))
+    with _api(srv), get_client(sync_client=True) as client:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        pending = set(ids)
+        while pending and time.monotonic() < deadline:
+            for i in list(pending):
+                run = client.read_flow_run(i)
+                if run.state and run.state.is_final():
+                    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n" + \
+                        srv.log.read_text(errors="replace")[-4000:]
+                    pending.discard(i)
+            time.sleep(1)
+        assert not pending, srv.log.read_text(errors="replace")[-4000:]
+        arts = {i: {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[i]))) if a.key} for i in ids}
     for i in ids:
         assert {"tiny-demo-stages", "tiny-demo-verify", "tiny-demo-tokenizer", "tiny-demo-report"} <= set(arts[i])
     assert "data:image/png;base64," in arts[ids[0]]["tiny-demo-report"].data
@@ -519,7 +525,18 @@ def test_e2e_on_postgresql_four_concurrent_deployment_runs(pg_server, tmp_path):
     for rows in zip(*tables, strict=True):  # each stage computed by exactly one of the four runs
         assert len({r["key"] for r in rows}) == 1 and [r["cached"] for r in rows].count(False) == 1, rows
     assert (out / "tiny-demo-q4_0.gguf").is_file()
-    logs = srv.log.read_text(errors="replace") + worker_log.read_text(errors="replace")
-    assert "database is locked" not in logs
+    assert "database is locked" not in srv.log.read_text(errors="replace")  # the server's and the worker's output
     assert int(pg.psql(f"select count(*) from flow_run where id in ({', '.join(repr(i) for i in ids)})")) == 4
-    assert not (srv.home / "prefect.db").exists()  # nothing went to SQLite
+    assert not list(srv.home.glob("*.db"))  # nothing went to SQLite
+
+
+def test_server_database_is_checked_before_the_server_starts(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(tmp_path)}
+    for url, message in (("postgresql://u@127.0.0.1:1/db", "expected: postgresql+asyncpg://"),
+                         ("postgresql+asyncpg://u:secret@127.0.0.1:1/db", "cannot use the database "
+                                                                          "postgresql+asyncpg://u:***@127.0.0.1:1/db")):
+        res = subprocess.run([str(VENV_BIN / "zhllama"), "server", "--database", url], env=env, cwd=PROJECT,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1 and res.stderr.startswith("error: "), res.stdout + res.stderr
+        assert message in res.stderr and "secret" not in res.stderr and "Traceback" not in res.stderr
+        assert "starting the Prefect server" not in res.stdout

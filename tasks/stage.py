@@ -35,6 +35,7 @@ from pipeline_lib.pipeline.stages import PROGRESS, progress_to
 from pipeline_lib.store import Store
 
 from .cache import cache_options, request_of
+from .runners import HEAVY_RESOURCE
 from .settings import MEMORY_LIMIT
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,6 @@ stage_task = task(name="stage", persist_result=True)(run_node)
 def resources(node: StageNode) -> dict[str, int]:
     """What a node asks of a Dask worker: one unit of ``memory_heavy`` for a heavy stage (so a worker
     runs one at a time), nothing for the light ones."""
-    from .runners import HEAVY_RESOURCE
-
     return {HEAVY_RESOURCE: 1} if STAGES[node.stage].heavy else {}
 
 

@@ -29,7 +29,7 @@ from pipeline_lib.pipeline import BuildResult, StageRun, build_graph, plan_build
 from pipeline_lib.pipeline.execute import prepared_inputs
 from pipeline_lib.pipeline.stages import REPORTER
 from pipeline_lib.store import default_root
-from tasks.runners import check_cluster, submit, task_runner
+from tasks.runners import check_cluster, follow_console, submit, task_runner
 from tasks.stage import for_node, post_artifacts, publish_task, resources
 
 
@@ -49,6 +49,8 @@ def build_model(spec: BuildSpec) -> BuildResult:
     with contextlib.ExitStack() as stack:
         if runner is not None:  # a Dask cluster: started (or connected to) and checked before any stage
             stack.enter_context(runner)
+            if not spec.dask_address:  # our own local cluster: its workers log as this process does
+                follow_console(runner)
             workers = check_cluster(runner.client, store_root=store_root)
             logger.info("Dask cluster %s: %d workers on %s", runner.client.scheduler.address, len(workers),
                         ", ".join(sorted({w["host"] for w in workers.values()})))

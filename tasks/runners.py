@@ -18,6 +18,7 @@ lock backend as the flow (``ZHLLAMA_LOCKS``).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -54,6 +55,26 @@ def task_runner(spec) -> Any | None:
 
     return DaskTaskRunner(cluster_class=distributed.LocalCluster,
                           cluster_kwargs=local_cluster_kwargs(spec.dask_workers))
+
+
+def _quiet(console: bool) -> None:
+    if not console:  # as the CLI's quiet_prefect: run logs go to the API only
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).propagate = False
+
+
+def _follow_console(dask_worker, console: bool) -> None:
+    _quiet(console)
+
+
+def follow_console(runner) -> None:
+    """Start the runner's local cluster so that its workers print run logs to the console only if this
+    process does (``zhllama build`` keeps them in the API and the UI), and Dask's INFO lines neither."""
+    console = logging.getLogger("prefect.task_runs").propagate
+    if not console:
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        logging.getLogger("prefect.task_runner.dask").setLevel(logging.WARNING)
+    runner.client.run(_follow_console, console=console)
 
 
 def submit(runner, task, parameters: Mapping[str, Any], *, resources: Mapping[str, float]):

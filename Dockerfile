@@ -9,6 +9,7 @@
 # a rebuild in a new container is all cache hits. Deployment entrypoints are module paths of the
 # installed package (flows.build.build_model), so the worker needs no source folder. Deploy from
 # inside the image:  docker run ... zhllama zhllama server --no-worker   (or prefect deploy --all ...)
+# A team's services (PostgreSQL, Redis, server, Dask, workers) from this image: deployments/compose.yaml.
 
 ARG PYTHON_VERSION=3.11
 ARG TORCH_VERSION=2.13.0
@@ -44,7 +45,10 @@ COPY pipeline_lib ./pipeline_lib
 COPY tasks ./tasks
 COPY flows ./flows
 COPY deployments ./deployments
-RUN pip install . && python -c "import llama_cpp, pipeline_lib, flows.build, flows.cli.main, tasks.stage, deployments"
+# [team]: prefect-dask (Dask task runner, `dask scheduler` / `dask worker`) and prefect-redis (locks), so one
+# image serves as Prefect worker, Dask scheduler and Dask worker (docs/team.md, deployments/compose.yaml).
+RUN pip install '.[team]' && python -c "import llama_cpp, pipeline_lib, flows.build, flows.cli.main, tasks.stage, \
+    tasks.locks, prefect_dask, distributed, deployments"
 
 # ---------------------------------------------------------------- runtime: no compilers, non-root
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime

@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (see README):
 #   make demo   install into .venv and run the offline demo end to end
-#   make test   install into .venv with dev tools, run ruff and the test suite
+#   make test   install into .venv with dev tools and the team extras (Dask, Redis locks), run ruff and the
+#               test suite (the team tests start PostgreSQL and redis-server: .ci/run installs them)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -21,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q $(FIND_LINKS) -e '.[dev]'
+	$(PIP) install -q $(FIND_LINKS) -e '.[dev,team]'
 	touch $@
 
 demo: install

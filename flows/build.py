@@ -7,11 +7,17 @@ passed straight in, so Prefect runs each node as soon as its inputs exist (downl
 parallel, quantizations in parallel) and draws the graph in the UI. Caching, locks and result
 records come from ``tasks.cache``. It returns the same ``BuildResult`` as the plain executor.
 
+Where the tasks run is ``spec.runner`` (``tasks.runners``): Prefect's thread pool in this process, or
+a Dask cluster through ``prefect_dask.DaskTaskRunner`` (an existing one at ``spec.dask_address``,
+else a ``LocalCluster`` of ``spec.dask_workers`` processes for this run), the heavy stages asking
+for the worker resource ``memory_heavy``. The cluster is checked before the first task is sent.
+
 Deployments: ``build-model/build-<model>`` (deployments/prefect.yaml); ``zhllama run``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -23,7 +29,8 @@ from pipeline_lib.pipeline import BuildResult, StageRun, build_graph, plan_build
 from pipeline_lib.pipeline.execute import prepared_inputs
 from pipeline_lib.pipeline.stages import REPORTER
 from pipeline_lib.store import default_root
-from tasks.stage import for_node, post_artifacts, publish_task
+from tasks.runners import check_cluster, follow_console, submit, task_runner
+from tasks.stage import for_node, post_artifacts, publish_task, resources
 
 
 @flow(name="build-model", description="Download, verify, merge, convert, quantize and evaluate one model.",
@@ -38,10 +45,30 @@ def build_model(spec: BuildSpec) -> BuildResult:
     logger.info("building %s (%s) into %s: %d stages; artifact store %s", plan.name, plan.display, plan.out_dir,
                 len(nodes), store_root)
     prepared = prepared_inputs(plan, nodes)
+    runner = task_runner(spec)
+    with contextlib.ExitStack() as stack:
+        if runner is not None:  # a Dask cluster: started (or connected to) and checked before any stage
+            stack.enter_context(runner)
+            if not spec.dask_address:  # our own local cluster: its workers log as this process does
+                follow_console(runner)
+            workers = check_cluster(runner.client, store_root=store_root)
+            logger.info("Dask cluster %s: %d workers on %s", runner.client.scheduler.address, len(workers),
+                        ", ".join(sorted({w["host"] for w in workers.values()})))
+        return _run(plan, nodes, prepared, runner, store_root, t_start)
+
+
+def _run(plan, nodes, prepared, runner, store_root: str, t_start: float) -> BuildResult:
+    """Submit every node (to the flow's thread pool, or to ``runner``), report, publish, post artifacts."""
+    logger = get_run_logger()
     futures = {}
     for node in nodes:
         args = resolve_deps(node, futures) | prepared.get(node.id, {})
-        futures[node.id] = for_node(node, store_root).submit(node, args, store_root)
+        task = for_node(node, store_root)
+        if runner is None:
+            futures[node.id] = task.submit(node, args, store_root)
+        else:
+            futures[node.id] = submit(runner, task, {"node": node, "inputs": args, "store_root": store_root},
+                                      resources=resources(node))
     reporter = REPORTER.get()
     by_future = {id(f): node for node, f in zip(nodes, futures.values(), strict=True)}
     done: dict[str, StageRun] = {}

@@ -43,6 +43,10 @@ ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
 QuantType = Literal[QUANT_TYPES]  # type: ignore[valid-type]
 GgmlType = Literal[GGML_TYPES]  # type: ignore[valid-type]
 OutputFormat = Literal["hf", "pth", "gguf", "ggml"]
+RunnerName = Literal["threads", "dask"]
+# How a build runs, not what it builds: left out of build-lock.json (the same build by any runner
+# publishes the same bytes) and of every cache key.
+EXECUTION_FIELDS = frozenset({"runner", "dask_address", "dask_workers"})
 OutType = Literal["f16", "f32", "bf16"]
 TokenizerName = Literal["llama", "alpaca"]
 
@@ -240,6 +244,15 @@ class BuildSpec(BaseModel):
     name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", title="Build name",
                              description="name of a custom build (files and folder are named after it)",
                              json_schema_extra=_plain_when_empty)
+    runner: RunnerName = Field("threads", title="Task runner",
+                               description="threads: the stages run in this flow run's process; dask: on a Dask "
+                               "cluster (the one at the Dask scheduler address, else a local cluster of Dask worker "
+                               "processes), at most one memory-heavy stage per Dask worker")
+    dask_address: str | None = Field(None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$", title="Dask scheduler address",
+                                     description="tcp://HOST:8786 of a running Dask cluster (workers started with "
+                                     "--resources memory_heavy=1); empty: a local cluster", json_schema_extra=_plain_when_empty)
+    dask_workers: int = Field(2, ge=1, le=256, title="Dask workers",
+                              description="worker processes of the local Dask cluster (runner dask, no address)")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -288,6 +301,8 @@ class BuildSpec(BaseModel):
         if any(gates.values()) and not (self.evaluation.enabled and "gguf" in self.outputs):
             raise ValueError("evaluation.gates needs the evaluation (evaluation.enabled and 'gguf' in outputs): "
                              "a gate checks what the evaluation measured")
+        if self.dask_address and self.runner != "dask":
+            raise ValueError("dask_address needs runner 'dask'")
         return self
 
     @property

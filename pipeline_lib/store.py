@@ -22,6 +22,9 @@ What the store promises:
 - locks are ``flock`` locks, released by the kernel when their process dies (a killed run never
   makes a later one wait); a lock file is checked to still be the one at its path after
   locking, so gc may remove lock files that no process holds without two holders ever arising;
+  under ``ZHLLAMA_LOCKS=redis://…`` they are Redis leases instead, for a store shared by several
+  hosts (``pipeline_lib.locks``: same contract, a dead holder's lock expires after the lease);
+- every manifest names its producer (host and pid), so who built an entry is never a guess;
 - gc never blocks and never removes what is in use: an entry being produced or checked (its key
   lock is held), or one a running stage reads (:meth:`Store.hold`), is kept for a later gc.
 """
@@ -35,6 +38,7 @@ import json
 import logging
 import os
 import re
+import socket
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -57,6 +61,7 @@ from .fsutil import (
     write_failed_for_space,
     write_text_atomic,
 )
+from .locks import RedisKeyLock, lock_url
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,7 @@ class Entry:
     timings: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     cached: bool = False  # True when returned as a hit (not produced by this call)
+    producer: dict[str, Any] = field(default_factory=dict)  # {"host", "pid"} of the process that produced it
 
     def file(self, relpath: str) -> Path:
         if relpath not in self.outputs:
@@ -138,7 +144,7 @@ def _check_manifest(m: Any, key: str) -> str | None:
         return f"manifest is for key {str(m['key'])[:12]}, not {key[:12]}"
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in m["inputs"].items()):
         return "manifest inputs are not name -> digest strings"
-    for name in ("timings", "meta"):
+    for name in ("timings", "meta", "producer"):
         if name in m and not isinstance(m[name], dict):
             return f"manifest field {name!r} is not an object"
     if not m["outputs"]:
@@ -230,12 +236,23 @@ class KeyLock:
 
 
 class Store:
-    """The artifact store. Safe for concurrent use by several processes."""
+    """The artifact store. Safe for concurrent use by several processes (and hosts, with Redis locks).
 
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+    ``locks``: the lock backend, a ``redis://`` URL or None for ``$ZHLLAMA_LOCKS`` (unset: flock
+    files under ``locks/``); an unknown scheme is an InputError here, before any lock is taken.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, locks: str | None = None) -> None:
         self.root = Path(root) if root is not None else default_root()
         self.artifacts = self.root / "artifacts"
         self.locks = self.root / "locks"
+        self.lock_url = lock_url(locks)
+
+    def _key_lock(self, path: Path, *, timeout: float, shared: bool = False) -> KeyLock | RedisKeyLock:
+        """The lock at ``path`` on this store's backend: a flock file, or a Redis lease named after the path."""
+        if self.lock_url is None:
+            return KeyLock(path, timeout=timeout, shared=shared)
+        return RedisKeyLock(path, url=self.lock_url, timeout=timeout, shared=shared)
 
     # ------------------------------------------------------------------ keys
 
@@ -272,6 +289,7 @@ class Store:
             key=m["key"], stage=m["stage"], version=m["version"], path=path, inputs=m["inputs"],
             params=m["params"], outputs={k: OutputFile(**v) for k, v in m["outputs"].items()},
             created=float(m["created"]), timings=m.get("timings", {}), meta=m.get("meta", {}),
+            producer=m.get("producer", {}),
         ), None
 
     def _load(self, path: Path) -> Entry | None:
@@ -319,12 +337,12 @@ class Store:
 
     # ------------------------------------------------------------------ produce
 
-    def lock(self, key: str, *, timeout: float = -1) -> KeyLock:
+    def lock(self, key: str, *, timeout: float = -1) -> KeyLock | RedisKeyLock:
         """The exclusive lock of ``key`` (held while an entry is checked, produced or removed)."""
-        return KeyLock(self.locks / f"{key}.lock", timeout=timeout)
+        return self._key_lock(self.locks / f"{key}.lock", timeout=timeout)
 
-    def _use_lock(self, key: str, *, shared: bool, timeout: float = -1) -> KeyLock:
-        return KeyLock(self.locks / f"{key}.use", timeout=timeout, shared=shared)
+    def _use_lock(self, key: str, *, shared: bool, timeout: float = -1) -> KeyLock | RedisKeyLock:
+        return self._key_lock(self.locks / f"{key}.use", timeout=timeout, shared=shared)
 
     @contextlib.contextmanager
     def hold(self, *entries: Entry) -> Iterator[None]:
@@ -432,6 +450,7 @@ class Store:
                 "params": json.loads(canonical_json(params)), "created": time.time(),
                 "outputs": {k: o.__dict__ for k, o in outputs.items()},
                 "timings": {"produce_s": round(elapsed, 4)}, "meta": json.loads(canonical_json(meta)),
+                "producer": {"host": socket.gethostname(), "pid": os.getpid()},
             }
             write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
             final = self.path_for(key)

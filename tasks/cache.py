@@ -258,9 +258,20 @@ class FlockLockManager:
         return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
 
 
-def lock_manager(store_root: str | Path) -> Any:
-    """The transaction lock manager for this store: flock files beside the store's (pipeline_lib.store.LOCK_DIRS)."""
-    return FlockLockManager(prefect_dir(store_root) / "locks")
+def lock_manager(store_root: str | Path, *, locks: str | None = None) -> Any:
+    """The transaction lock manager for this store: flock files beside the store's (pipeline_lib.store.LOCK_DIRS),
+    or Redis under ZHLLAMA_LOCKS=redis://…
+
+    The same setting picks the store's own per-key locks (``pipeline_lib.store.Store``), so a
+    stage's Prefect lock and its store lock are always on one backend."""
+    from pipeline_lib.locks import lock_url
+
+    url = lock_url(locks)
+    if url is None:
+        return FlockLockManager(prefect_dir(store_root) / "locks")
+    from .locks import redis_lock_manager
+
+    return redis_lock_manager(url, namespace=str(Path(store_root).resolve()))
 
 
 @functools.lru_cache(maxsize=16)

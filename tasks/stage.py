@@ -8,7 +8,8 @@ record ``{"key", "stage", "hit", "seconds"}``: the store key of what it made, ne
 path to trust blindly.
 
 Memory-heavy stages take a local slot and a slot of the global concurrency limit
-``zhllama-memory-heavy`` (created by ``zhllama server``; without it they run unthrottled).
+``zhllama-memory-heavy`` (created by ``zhllama server``; without it they run unthrottled); on a
+Dask runner they also ask for the worker resource ``memory_heavy`` (:func:`resources`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pipeline_lib.pipeline.stages import PROGRESS, progress_to
 from pipeline_lib.store import Store
 
 from .cache import cache_options, request_of
+from .runners import HEAVY_RESOURCE
 from .settings import MEMORY_LIMIT
 
 log = logging.getLogger(__name__)
@@ -117,8 +119,7 @@ def retry_transient(task, task_run, state) -> bool:
     return True
 
 
-@task(name="stage", persist_result=True)
-def stage_task(node: StageNode, inputs: dict[str, Any], store_root: str) -> dict[str, Any]:
+def run_node(node: StageNode, inputs: dict[str, Any], store_root: str) -> dict[str, Any]:
     """Produce one node's outputs (or hit the store). A failure leaves nothing: the store produces
     into a temporary folder that is removed on any exception."""
     t0 = time.perf_counter()
@@ -136,6 +137,18 @@ def stage_task(node: StageNode, inputs: dict[str, Any], store_root: str) -> dict
         progress.done()
     log.info("%s: %s %s", node.label, "cache hit" if entry.cached else "produced", entry.key[:12])
     return {"key": entry.key, "stage": entry.stage, "hit": entry.cached, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# The task wraps a function that lives under its own module-level name, so pickle (cloudpickle, for
+# Dask workers) finds it by reference; a task decorating ``def stage_task`` would shadow its function
+# and make pickle copy it by value, with every global it touches.
+stage_task = task(name="stage", persist_result=True)(run_node)
+
+
+def resources(node: StageNode) -> dict[str, int]:
+    """What a node asks of a Dask worker: one unit of ``memory_heavy`` for a heavy stage (so a worker
+    runs one at a time), nothing for the light ones."""
+    return {HEAVY_RESOURCE: 1} if STAGES[node.stage].heavy else {}
 
 
 def for_node(node: StageNode, store_root: str):

@@ -45,7 +45,8 @@ class PrefectServer:
                               capture_output=True, text=True, timeout=timeout, check=check, cwd=cwd)
 
 
-def server_env(home: Path, url: str) -> dict[str, str]:
+def server_env(home: Path, url: str, *, database: str | None = None) -> dict[str, str]:
+    """Variables for a server (and its clients): SQLite in ``home`` unless ``database`` names another."""
     return {
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": url,
@@ -53,15 +54,16 @@ def server_env(home: Path, url: str) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_API_DATABASE_CONNECTION_URL": database or f"sqlite+aiosqlite:///{home}/prefect.db",
     }
 
 
-def start_server(home: Path, *, timeout: float = 90) -> PrefectServer:
+def start_server(home: Path, *, timeout: float = 90, database: str | None = None) -> PrefectServer:
+    """A Prefect server on 127.0.0.1 with its own PREFECT_HOME; ``database``: e.g. postgresql+asyncpg://…."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = server_env(home, url)
+    env = server_env(home, url, database=database)
     log = home / "server.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(

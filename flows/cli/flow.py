@@ -61,6 +61,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "differs from the release's published SHA256 (add --output pth to check the merged weights)")
     p.add_argument("--out", metavar="DIR", help="publish the results here (default: $ZHLLAMA_HOME/builds/MODEL)")
     p.add_argument("--no-prefect", action="store_true", help="run the stages with the plain executor, without Prefect")
+    p.add_argument("--runner", choices=["threads", "dask"],
+                   help="where the Prefect tasks run: threads in this process (default) or a Dask cluster "
+                   "(--dask-address, else a local one of --dask-workers processes)")
+    p.add_argument("--dask-address", metavar="tcp://HOST:8786",
+                   help="scheduler of a running Dask cluster whose workers have --resources memory_heavy=1 "
+                   "(implies --runner dask)")
+    p.add_argument("--dask-workers", type=int, metavar="N",
+                   help="worker processes of the local Dask cluster (default 2; with --runner dask)")
     p.add_argument("--plan", action="store_true", help="print the stage graph (sources, stages, inputs, outputs) "
                    "and exit without running anything")
     p.set_defaults(func=cmd_build)
@@ -164,6 +172,14 @@ def _spec_from(model: str, args: argparse.Namespace, *, base: dict | None = None
     for flag in ("precise", "require_official"):
         if getattr(args, flag, False):
             data[flag] = True
+    for opt in ("runner", "dask_address", "dask_workers"):
+        if getattr(args, opt, None) is not None:
+            data[opt] = getattr(args, opt)
+    if getattr(args, "dask_address", None) and not getattr(args, "runner", None):
+        data["runner"] = "dask"
+    if getattr(args, "no_prefect", False) and data.get("runner") == "dask":
+        raise InputError("--runner dask needs Prefect", fix="drop --no-prefect (the plain executor runs the "
+                         "stages one after another in this process)")
     try:
         return BuildSpec.model_validate(data)
     except ValidationError as exc:

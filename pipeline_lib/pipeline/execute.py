@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..buildspec import BuildSpec
+from ..buildspec import EXECUTION_FIELDS, BuildSpec
 from ..store import Entry, Store
 from .graph import StageNode, build_graph, resolve_deps
 from .plan import BuildPlan, plan_build
@@ -71,7 +71,7 @@ def build_lock(plan: BuildPlan, nodes: tuple[StageNode, ...], entries: Mapping[s
     lock: dict[str, Any] = {
         "model": plan.name, "display": plan.display, "zhllama": __version__,
         "catalog_model": plan.catalog_model, "tokenizer": plan.tokenizer,  # what `zhllama export` needs to know
-        "spec": json.loads(plan.spec.model_dump_json()),
+        "spec": json.loads(plan.spec.model_dump_json(exclude=EXECUTION_FIELDS)),
         "sources": [{**ref.to_json(), "fingerprint": prepared.get(f"download:{ref.role}", {}).get("fingerprint"),
                      "files": {rel: o.sha256 for rel, o in entries[f"download:{ref.role}"].outputs.items()}}
                     for ref in plan.sources],

@@ -178,7 +178,7 @@ _CARD_KINDS: dict[str, str] = {"tokenizer": "tokenizer/", "official": "official.
 def card_node(plan: BuildPlan, nodes: list[StageNode], *, downloads: Mapping[str, str], verify: str,
               report: str | None, gates: str | None, modelfiles: Mapping[str, str]) -> StageNode:
     """The model card (README.md): what every other node recorded, nothing measured again."""
-    from ..buildspec import CUSTOM_MODEL, DEMO_MODEL
+    from ..buildspec import CUSTOM_MODEL, DEMO_MODEL, EXECUTION_FIELDS
 
     files: list[list[str]] = []  # [published name, kind]: JSON values
     for n in nodes:
@@ -194,7 +194,7 @@ def card_node(plan: BuildPlan, nodes: list[StageNode], *, downloads: Mapping[str
                             "fingerprints": {n.params["output"]: n.id for n in nodes if n.stage == "fingerprint"}}
     if report is not None:
         deps |= {"report": report, "gates": gates}
-    spec = plan.spec.model_dump(mode="json", exclude={"out_dir"})
+    spec = plan.spec.model_dump(mode="json", exclude={"out_dir", *EXECUTION_FIELDS})  # what, not how it ran
     sources = [{"role": ref.role, "kind": ref.parsed.kind, "source": ref.display, "revision": ref.revision,
                 "repo": ref.parsed.repo} for ref in plan.sources]
     return StageNode("card", "card", "model card", deps=deps, publish="README.md", params={

@@ -67,7 +67,7 @@ class Scenario:
     env: Callable[[Ctx], dict[str, str]] = lambda ctx: {}
     in_store: bool = False  # its finished outputs are store entries ($ZHLLAMA_HOME/artifacts), not the output path
     whole: bool = False  # a folder output: it appears whole or not at all
-    volatile: tuple[str, ...] = ()  # outputs that name this run's paths (a build lock): complete JSON, not equal bytes
+    volatile: tuple[str, ...] = ()  # outputs that name this run's paths (lock, card): complete, not equal bytes
 
 
 def _lora_args(rel) -> list[str]:
@@ -99,9 +99,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
                                          "--out-dir", str(out), "--threads", "1"]),
     Scenario("store-commit", "unused", lambda c, out: [], rerun=(), code=STORE_CODE, in_store=True),
     Scenario("build", "build", lambda c, out: ["build", "tiny-demo", "--no-prefect", "--no-eval", "--out", str(out)],
-             rerun=(), whole=True, volatile=("build-lock.json",)),
+             rerun=(), whole=True, volatile=("build-lock.json", "README.md")),
     Scenario("build-prefect", "build", lambda c, out: ["build", "tiny-demo", "--no-eval", "--out", str(out)],
-             rerun=(), whole=True, volatile=("build-lock.json",), env=lambda c: dict(c.prefect_env)),
+             rerun=(), whole=True, volatile=("build-lock.json", "README.md"), env=lambda c: dict(c.prefect_env)),
 ]}
 
 # (scenario, kill point): sampled over each stage's events (the tiny model has 21 tensors, ~3.8 MB)
@@ -160,17 +160,19 @@ def _assert_locks_free(home: Path, hf: Path) -> None:
 
 
 def _comparable(scenario: str, snap: dict[str, bytes]) -> dict[str, bytes]:
-    """A snapshot with the scenario's volatile files replaced by whether they are complete JSON."""
+    """A snapshot with the scenario's volatile files replaced by whether they are complete (JSON that
+    parses; text that decodes and ends with its final newline)."""
     import json
 
     out = dict(snap)
     for rel in SCENARIOS[scenario].volatile:
         if rel in out:
             try:
-                json.loads(out[rel])
-                out[rel] = b"complete JSON"
+                json.loads(out[rel]) if rel.endswith(".json") else out[rel].decode("utf-8")
+                complete = rel.endswith(".json") or out[rel].endswith(b"\n")
             except ValueError:
-                out[rel] = b"INCOMPLETE"
+                complete = False
+            out[rel] = b"complete" if complete else b"INCOMPLETE"
     return out
 
 

@@ -176,7 +176,24 @@ class JsonRecordStorage(LocalFileSystem):
 # ------------------------------------------------------------------ locks
 
 
-class FlockLockManager:
+class PollingWait:
+    """``wait_for_lock`` by polling ``is_locked`` (never holding the lock while waiting), for lock managers."""
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        import anyio
+
+        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
+
+
+class FlockLockManager(PollingWait):
     """Prefect's LockManager protocol on the store's ``flock`` locks (``pipeline_lib.store.KeyLock``):
     the kernel releases a lock when its holder process dies, so no lock is ever stale.
 
@@ -244,18 +261,6 @@ class FlockLockManager:
         held = self._held.get(key)
         return held is not None and held[0] == holder
 
-    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_locked(key):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-        return True
-
-    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        import anyio
-
-        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
 
 
 def lock_manager(store_root: str | Path, *, locks: str | None = None) -> Any:

@@ -12,7 +12,6 @@ one Redis never wait on each other.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from prefect_redis.locking import RedisLockManager
@@ -20,10 +19,13 @@ from redis.lock import Lock
 
 from pipeline_lib.locks import RENEWER, lease_seconds, redacted, unreachable
 
+from .cache import PollingWait
+
 log = logging.getLogger(__name__)
 
 
-class LeasedRedisLockManager(RedisLockManager):
+# PollingWait first: the parent's wait takes the lock without an expiry for a moment; polling never holds it.
+class LeasedRedisLockManager(PollingWait, RedisLockManager):
     """``RedisLockManager`` whose holds expire unless renewed (see the module docstring)."""
 
     def __init__(self, url: str, *, namespace: str, lease: float | None = None) -> None:
@@ -76,20 +78,6 @@ class LeasedRedisLockManager(RedisLockManager):
         except RedisConnectionError as exc:
             log.warning("transaction lock %s: not released (%s); it expires within %.0f s", key, exc, self.lease)
             self._locks.pop(self._lock_name_for_key(key), None)
-
-    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        # The parent's wait takes the lock without an expiry for a moment; polling never holds it.
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_locked(key):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-        return True
-
-    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        import anyio
-
-        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
 
     def _renewal(self, key: str, holder: str) -> str:
         return f"{self._lock_name_for_key(key)} {holder}"

@@ -35,11 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the server's database: postgresql+asyncpg://USER:PASSWORD@HOST:5432/DB for a team (checked "
                    "before the server starts); default: PREFECT_SERVER_DATABASE_CONNECTION_URL if set, else SQLite "
                    "in PREFECT_HOME")
-    p.add_argument("--memory-slots", type=int, default=1,
-                   help="memory-heavy stages (merge, GGUF, quantize, evaluate) allowed at once (default 1)")
-    p.add_argument("--build-slots", type=int, default=1, help="real model builds allowed at once (default 1)")
-    p.add_argument("--schedule", action="append", default=[], metavar="MODEL",
-                   help="switch on the weekly rebuild of MODEL (repeat); all are off by default")
+    _deploy_options(p)
     p.add_argument("--no-worker", action="store_true", help="do not start a worker")
     p.set_defaults(func=cmd_server)
 
@@ -47,10 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Create the work pool, queues and concurrency limit and upsert every deployment "
                        "with its upstream-change automation, in one pass over the API. Schedules a user already "
                        "switched keep their state; new ones are off unless named with --schedule.")
-    p.add_argument("--schedule", action="append", default=[], metavar="MODEL",
-                   help="switch on the weekly rebuild of MODEL (repeat)")
-    p.add_argument("--memory-slots", type=int, default=1, help="memory-heavy stages allowed at once (default 1)")
-    p.add_argument("--build-slots", type=int, default=1, help="real model builds allowed at once (default 1)")
+    _deploy_options(p)
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("schedule", help="switch a model's weekly rebuild on or off",
@@ -59,6 +52,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="a model (alpaca-plus-7b), its deployment (build-alpaca-plus-7b) or check-upstream")
     p.add_argument("state", choices=["on", "off"], help="on: runs at its weekly slot; off: only when triggered")
     p.set_defaults(func=cmd_schedule)
+
+
+def _deploy_options(p: argparse.ArgumentParser) -> None:
+    """What `server` and `deploy` both set up: schedules switched on, and the two concurrency limits."""
+    p.add_argument("--schedule", action="append", default=[], metavar="MODEL",
+                   help="switch on the weekly rebuild of MODEL (repeat); all are off by default")
+    p.add_argument("--memory-slots", type=int, default=1,
+                   help="memory-heavy stages (merge, GGUF, quantize, evaluate) allowed at once (default 1)")
+    p.add_argument("--build-slots", type=int, default=1, help="real model builds allowed at once (default 1)")
 
 
 def _client():

@@ -103,13 +103,17 @@ def gguf_stats(path: Path, reader=None) -> tuple[int, int]:
 
 
 class _LogProgress:
-    """Route llama.cpp's log lines to a progress callback (and our logger) while quantizing."""
+    """Route llama.cpp's log lines to a progress callback (and our logger) while quantizing.
 
-    def __init__(self, on_tensor: Callable[[int, int], None]) -> None:
+    ``on_name(tensor_name)`` hears the name of each tensor as llama.cpp starts it (the read-ahead).
+    """
+
+    def __init__(self, on_tensor: Callable[[int, int], None], on_name: Callable[[str], None] | None = None) -> None:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
         self._on_tensor = on_tensor
+        self._on_name = on_name
 
         @llama_cpp.llama_log_callback
         def _cb(level, text, user_data):  # called from llama.cpp, with the GIL
@@ -117,6 +121,8 @@ class _LogProgress:
                 line = text.decode("utf-8", "replace")
                 m = _PROGRESS_RE.search(line)
                 if m:
+                    if self._on_name is not None:
+                        self._on_name(line[m.end():].split(maxsplit=1)[0] if line[m.end():].strip() else "")
                     self._on_tensor(int(m.group(1)), int(m.group(2)))
                 if line.strip():
                     log.debug("llama.cpp: %s", line.rstrip())
@@ -137,19 +143,74 @@ class _LogProgress:
 
 _LOCK = threading.Lock()  # the log callback is process-global: one quantization at a time
 
+READ_AHEAD = 512 << 20  # bytes of the input kept requested ahead of the tensor llama.cpp is quantizing
+
+
+class _InputReadAhead:
+    """Keeps the input file read ahead of llama.cpp's quantizer.
+
+    llama.cpp maps the input and quantizes tensor after tensor, reading each one by page faults only
+    when it gets to it (no prefetch), so the disk idles while it computes. Told which tensor it has
+    started (its own progress lines), this asks the kernel (``POSIX_FADV_WILLNEED``) for the tensors
+    that follow in the file, up to :data:`READ_AHEAD` bytes ahead, so reading overlaps quantizing. The
+    page cache is shared, so llama.cpp's mapping then finds the pages there. Only a hint: nothing
+    llama.cpp writes changes.
+    """
+
+    def __init__(self, path: Path, spans: list[tuple[str, int, int]]) -> None:
+        self._spans = sorted(spans, key=lambda s: s[1])  # (name, offset, nbytes) in file order
+        self._index = {name: i for i, (name, _, _) in enumerate(self._spans)}
+        self._hinted = -1
+        try:
+            self._fd: int | None = os.open(path, os.O_RDONLY)
+        except OSError:
+            self._fd = None
+        self.started("")
+
+    def started(self, name: str) -> None:
+        """llama.cpp started tensor ``name`` ("" before the first): request what follows it."""
+        from .iobuf import advise
+
+        i = self._index.get(name, -1)
+        if self._fd is None or (name and i < 0):
+            return
+        ahead, j = 0, i + 1
+        while j < len(self._spans) and ahead < READ_AHEAD:
+            _, offset, nbytes = self._spans[j]
+            if j > self._hinted:
+                advise(self._fd, offset, nbytes, "WILLNEED")
+                self._hinted = j
+            ahead += nbytes
+            j += 1
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
 
 def quantize_one(src: Path, out: Path, qtype: str, *, threads: int | None = None,
-                 on_tensor: Callable[[int, int], None] | None = None) -> None:
-    """llama.cpp-quantize ``src`` to ``out`` (atomically) with default parameters."""
+                 on_tensor: Callable[[int, int], None] | None = None,
+                 spans: list[tuple[str, int, int]] | None = None) -> None:
+    """llama.cpp-quantize ``src`` to ``out`` (atomically) with default parameters.
+
+    ``spans`` (tensor name, data offset, bytes) of the input let it be read ahead of llama.cpp.
+    """
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[qtype]
     params.nthread = int(threads or 0)  # 0: llama.cpp uses all hardware threads
-    with _LOCK, atomic_path(out) as tmp, _LogProgress(on_tensor or (lambda i, n: None)):
-        rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params))
-        if rc != 0:
-            raise _failure(src, out, qtype, rc)
+    ahead = _InputReadAhead(src, spans) if spans else None
+    try:
+        with (_LOCK, atomic_path(out) as tmp,
+              _LogProgress(on_tensor or (lambda i, n: None), ahead.started if ahead is not None else None)):
+            rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params))
+            if rc != 0:
+                raise _failure(src, out, qtype, rc)
+    finally:
+        if ahead is not None:
+            ahead.close()
 
 
 # free bytes under which a failed write is taken for a full disk
@@ -201,13 +262,14 @@ def quantize(gguf_path: str | os.PathLike[str], *, qtypes: Sequence[str], out_di
                                    inputs=[src], overwrite=overwrite)
             for q in types}
     n_params, src_tensor_bytes = gguf_stats(src, reader)
+    spans = [(t.name, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
     del reader
     need = sum(int(n_params * _PLAN_BPW[q] / 8) for q in types) + src.stat().st_size - src_tensor_bytes
     check_disk_space(out_dir, need, what=f"{len(types)} quantized file(s)")
     made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        outputs = _quantize_all(src, outs, n_params, threads=threads, on_progress=on_progress)
+        outputs = _quantize_all(src, outs, n_params, threads=threads, on_progress=on_progress, spans=spans)
     except BaseException:
         if made:  # a folder this call created and nothing finished in it: leave no trace
             with contextlib.suppress(OSError):
@@ -216,7 +278,8 @@ def quantize(gguf_path: str | os.PathLike[str], *, qtypes: Sequence[str], out_di
     return QuantizeResult(source=src, source_bytes=src.stat().st_size, outputs=tuple(outputs))
 
 
-def _quantize_all(src: Path, outs: dict[str, Path], n_params: int, *, threads, on_progress) -> list[QuantizedFile]:
+def _quantize_all(src: Path, outs: dict[str, Path], n_params: int, *, threads, on_progress,
+                  spans=None) -> list[QuantizedFile]:
     outputs = []
     for q, out in outs.items():
         t0 = time.perf_counter()
@@ -228,7 +291,7 @@ def _quantize_all(src: Path, outs: dict[str, Path], n_params: int, *, threads, o
                 if on_progress is not None:
                     on_progress(q, i, n)
 
-            quantize_one(src, out, q, threads=threads, on_tensor=on_tensor)
+            quantize_one(src, out, q, threads=threads, on_tensor=on_tensor, spans=spans)
         _, tensor_bytes = gguf_stats(out)
         res = QuantizedFile(qtype=q, path=out, file_bytes=out.stat().st_size, n_params=n_params,
                             bits_per_weight=tensor_bytes * 8 / n_params, seconds=time.perf_counter() - t0)

@@ -19,10 +19,10 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 from pipeline_lib.buildspec import BuildSpec
-from pipeline_lib.pipeline import BuildResult, StageRun, build_graph, plan_build, resolve_deps
+from pipeline_lib.pipeline import BuildResult, StageRun, build_graph, plan_build, preflight, resolve_deps
 from pipeline_lib.pipeline.execute import prepared_inputs
 from pipeline_lib.pipeline.stages import REPORTER
-from pipeline_lib.store import default_root
+from pipeline_lib.store import Store, default_root
 from tasks.stage import for_node, post_artifacts, publish_task
 
 
@@ -38,6 +38,7 @@ def build_model(spec: BuildSpec) -> BuildResult:
     logger.info("building %s (%s) into %s: %d stages; artifact store %s", plan.name, plan.display, plan.out_dir,
                 len(nodes), store_root)
     prepared = prepared_inputs(plan, nodes)
+    preflight.check(plan, nodes, prepared, Store(store_root))  # every output must fit before the first byte
     futures = {}
     for node in nodes:
         args = resolve_deps(node, futures) | prepared.get(node.id, {})

@@ -376,11 +376,11 @@ class Checkpoint:
         return list(self._infos.values())
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor in order; the next one is read on a thread while the consumer uses this one."""
         names_ = list(self._infos)
-        for i, name in enumerate(names_):
-            if i + 1 < len(names_):
-                self.will_need(names_[i + 1])  # the disk reads the next tensor while this one is used
-            yield name, self.load(name)
+        with iobuf.ReadAhead(names_, self.load) as reads:
+            for i, name in enumerate(names_):
+                yield name, reads.take(i)
         iobuf.POOL.trim()
 
     # -- extras

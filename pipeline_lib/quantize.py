@@ -95,11 +95,14 @@ def output_name(src: Path, qtype: str) -> str:
 
 
 def gguf_stats(path: Path, reader=None) -> tuple[int, int]:
-    """(parameters, tensor data bytes) of a GGUF file."""
-    import gguf
+    """(parameters, tensor data bytes) of a GGUF file (from ``reader`` if given, else its tensor table:
+    ``gguf.GGUFReader`` decodes every vocabulary entry, seconds per file)."""
+    if reader is not None:
+        return sum(int(t.n_elements) for t in reader.tensors), sum(int(t.n_bytes) for t in reader.tensors)
+    from .gguf_table import read_tensor_table
 
-    r = reader if reader is not None else gguf.GGUFReader(path)
-    return sum(int(t.n_elements) for t in r.tensors), sum(int(t.n_bytes) for t in r.tensors)
+    rows = read_tensor_table(path)
+    return sum(r.n_elements for r in rows), sum(r.nbytes for r in rows)
 
 
 class _LogProgress:

@@ -232,3 +232,24 @@ def test_quantize_read_ahead_requests_the_next_tensors(tmp_path):
         assert ahead._hinted == 2
     finally:
         ahead.close()
+
+
+# ------------------------------------------------------------------ the fast GGUF tensor table
+
+
+def test_gguf_table_equals_gguf_reader(tiny_release, tmp_path):
+    import gguf
+
+    from pipeline_lib.gguf_export import convert
+    from pipeline_lib.gguf_table import read_tensor_table
+
+    out = tmp_path / "m.gguf"
+    convert(plan_merge(tiny_release.base_hf, [tiny_release.llama_lora, tiny_release.alpaca_lora]), out=out,
+            outtype="q8_0", name="t")
+    ref = [(t.name, tuple(int(x) for x in t.shape), int(t.tensor_type), int(t.data_offset), int(t.n_bytes))
+           for t in gguf.GGUFReader(out).tensors]
+    assert [(r.name, r.shape, r.ggml_type, r.offset, r.nbytes) for r in read_tensor_table(out)] == ref
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(out.read_bytes()[:2000])
+    with pytest.raises(InputError, match="tensor table"):
+        read_tensor_table(cut)

@@ -13,7 +13,8 @@ What is counted (:func:`estimate`), per node of the graph:
 * a new entry needs its estimated output bytes: a download the size of its local files (hub
   sources: the catalog's model size), a merged checkpoint or float GGUF the model's parameters
   times the dtype's width (shapes from config.json and the last LoRA's vocabulary), a quantized
-  file the parameters times the type's bits per weight, small stages nothing worth counting;
+  file the parameters times the type's bits per weight (``lm_head`` at least q6_K's, as llama.cpp
+  quantizes it), small stages nothing worth counting;
 * every published node needs its bytes again in the build folder (publishing copies).
 
 Where the store and the build folder share a filesystem their needs add up. Estimates are within a
@@ -43,6 +44,7 @@ MARGIN = 0.05
 FLOAT_BYTES: dict[str, float] = {"float16": 2, "bfloat16": 2, "float32": 4, "f16": 2, "bf16": 2, "f32": 4}
 GGML_BPW: dict[str, float] = {"f16": 16.0, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5}
 SMALL_STAGES = frozenset({"verify", "tokenizer", "official", "fingerprint", "report"})
+HEAD_BPW = 6.5625  # q6_K: what llama.cpp makes of output.weight for every type below it
 EVAL_BYTES = 64 << 20  # an evaluation's report and stored predictions: bounded by its options, well under this
 
 
@@ -52,6 +54,7 @@ class ModelSize:
 
     params: int
     source: str  # "config.json of ...", "the catalog"
+    head: int = 0  # parameters of lm_head (llama.cpp quantizes it to at least q6_K)
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ def _lora_vocab(folder: Path) -> int | None:
     try:
         from ..lora import load_adapter
 
-        rows = load_adapter(folder).embed_rows
+        rows = load_adapter(folder).embed_rows()
     except Exception as exc:  # noqa: BLE001 - only an estimate; the merge checks it properly
         log.debug("preflight: no vocabulary from %s: %s", folder, exc)
         return None
@@ -110,7 +113,8 @@ def model_size(plan: BuildPlan, entries: Mapping[str, Entry]) -> ModelSize | Non
         if cfg_file.is_file():
             try:
                 cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-                return ModelSize(_params(cfg, vocab), f"config.json of {folder}")
+                return ModelSize(_params(cfg, vocab), f"config.json of {folder}",
+                                 head=(vocab or cfg["vocab_size"]) * cfg["hidden_size"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
     if plan.catalog_model is not None:
@@ -149,7 +153,8 @@ def _node_bytes(plan: BuildPlan, node: StageNode, model: ModelSize | None) -> in
     if node.stage == "quantize":
         from ..quantize import _PLAN_BPW
 
-        return int(model.params * _PLAN_BPW[p["qtype"]] / 8)
+        bpw = _PLAN_BPW[p["qtype"]]
+        return int(((model.params - model.head) * bpw + model.head * max(bpw, HEAD_BPW)) / 8)
     if node.stage == "ggml":
         return int(model.params * GGML_BPW.get(p["qtype"], 16.0) / 8)
     if node.stage.startswith("evaluate"):

@@ -40,9 +40,11 @@ Steps (``--steps``/``--skip`` pick; every result lands in ``results-<size>.json`
 Per stage: wall, user and system CPU, peak RSS (VmHWM, reset per stage with ``/proc/self/clear_refs``)
 with its anonymous and file-backed parts (sampled), bytes read and written at the block layer and by
 system calls (``/proc/self/io``), page faults, and how busy the machine was meanwhile (other
-processes' CPU seconds from ``/proc/stat``, load average). Before each stage every file of the run is
-flushed and dropped from the page cache, so each stage starts cold, as the floor does. The floor of
-a stage is its input bytes / cold read speed + its output bytes / fsynced write speed.
+processes' CPU seconds from ``/proc/stat``, load average). The floor of
+a stage is its input bytes / cold read speed + its output bytes / fsynced write speed. The build runs
+as a user runs it (a stage may find what the previous one wrote still cached; ``--cold`` drops every
+file of the run from the page cache before each stage); the alternatives and the before/after pairs
+each start cold.
 
 Disk: outputs are removed as soon as measured (``df`` is checked before each big write; a step that
 would not fit is skipped and says so); every run starts from an empty store; the generated inputs
@@ -482,7 +484,8 @@ def spec_for(ctx: dict, outputs: list[str], *, quants: list[str] | None = None, 
 
 
 def run_build_child(ctx: dict, name: str, spec: dict, free_after: dict | None = None) -> dict:
-    job = {"spec": spec, "store": str(ctx["store"]), "cold_roots": [str(ctx["set"])], "free_after": free_after or {}}
+    job = {"spec": spec, "store": str(ctx["store"]), "cold_roots": [str(ctx["set"])] if ctx["args"].cold else [],
+           "free_after": free_after or {}}
     jpath, rpath = ctx["scratch"] / f".job-{name}.json", ctx["scratch"] / f".rows-{name}.json"
     jpath.parent.mkdir(parents=True, exist_ok=True)
     jpath.write_text(json.dumps(job))
@@ -497,12 +500,36 @@ def run_build_child(ctx: dict, name: str, spec: dict, free_after: dict | None = 
     return out
 
 
+def measure_read(path: Path, limit: int) -> dict:
+    """Cold reads of an existing file (the base's first shard), buffered and O_DIRECT, up to ``limit`` bytes."""
+    import mmap
+
+    chunk = 64 << 20
+    buf = mmap.mmap(-1, chunk)
+    out = {"file": path.name}
+    for mode, flags in (("buffered", 0), ("direct", os.O_DIRECT)):
+        drop_tree(path)
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_RDONLY | flags)
+        got = 0
+        try:
+            while got < limit and (k := os.readv(fd, [buf])) > 0:
+                got += k
+        finally:
+            os.close(fd)
+        out[f"read_{mode}_Bps"] = got / (time.perf_counter() - t0)
+    return out
+
+
 def step_floor(ctx: dict, name: str) -> dict:
     size = int(ctx["args"].floor_gb * GB)
     if not need_disk(ctx, size, name):
         return {}
     q = Quiet()
     r = measure_floor(ctx["scratch"], size)
+    shards = base_files(ctx)
+    if shards:
+        r["input"] = measure_read(max(shards, key=lambda p: p.stat().st_size), size)
     r["quiet"] = q.done(0.0)
     log(f"{name}: write {r['write_buffered_Bps'] / 1e6:.0f} MB/s buffered, {r['write_direct_Bps'] / 1e6:.0f} direct; "
         f"cold read {r['read_buffered_Bps'] / 1e6:.0f} MB/s buffered, {r['read_direct_Bps'] / 1e6:.0f} direct")
@@ -592,21 +619,25 @@ def step_convert_hf(ctx: dict, name: str) -> dict:
 
 
 def step_before(ctx: dict, name: str) -> dict:
+    """The one-pass convert and the merge to HF with the starting code and with this code, each in a
+    fresh child starting cold, one after the other: like for like."""
     before = ctx["args"].before
     if not before:
         return {"error": "no --before tree given"}
-    env = dict(env_for(ctx), PYTHONPATH=str(Path(before).resolve()), **{TREE_ENV: str(Path(before).resolve())})
+    trees = {"before": Path(before).resolve(), "after": ROOT}
     out: dict = {}
     inputs = (ctx["inputs"] / "llama-base", *loras(ctx))
     for kind in ("one-pass", "merge-hf") if ctx["size"] != "13b" else ("one-pass",):
-        dest = ctx["scratch"] / f"before-{kind}"
-        rm(dest)
-        if not need_disk(ctx, du(ctx["inputs"] / "llama-base") * 1.05, f"{name} {kind}"):
-            continue
-        job = {"kind": kind, "base": str(inputs[0]), "loras": [str(p) for p in inputs[1:]], "out": str(dest),
-               "name": "fullsize"}
-        out[kind] = call(ctx, job, env=env, inputs=inputs, outputs=(dest,))
-        rm(dest)
+        for which, tree in trees.items():
+            dest = ctx["scratch"] / f"{which}-{kind}"
+            rm(dest)
+            if not need_disk(ctx, du(ctx["inputs"] / "llama-base") * 1.05, f"{name} {which} {kind}"):
+                continue
+            env = dict(env_for(ctx), PYTHONPATH=str(tree), **{TREE_ENV: str(tree)})
+            job = {"kind": kind, "base": str(inputs[0]), "loras": [str(p) for p in inputs[1:]], "out": str(dest),
+                   "name": "fullsize"}
+            out[f"{which} {kind}"] = call(ctx, job, env=env, inputs=inputs, outputs=(dest,))
+            rm(dest)
     return out
 
 
@@ -777,9 +808,13 @@ def run_size(args) -> Path:
 
 
 def _floor(row: dict, fl: dict | None, mode: str) -> float | None:
+    """A stage's I/O floor: its input bytes at the cold read speed of the real input file (the base's
+    largest shard: a file written long ago reads slower here than one just written) plus its output
+    bytes at the fsynced write speed."""
     if not fl or not row.get("in_bytes") and not row.get("out_bytes"):
         return None
-    return row.get("in_bytes", 0) / fl[f"read_{mode}_Bps"] + row.get("out_bytes", 0) / fl[f"write_{mode}_Bps"]
+    read = (fl.get("input") or fl)[f"read_{mode}_Bps"]
+    return row.get("in_bytes", 0) / read + row.get("out_bytes", 0) / fl[f"write_{mode}_Bps"]
 
 
 def _mib(n: float | None) -> str:
@@ -818,7 +853,10 @@ def render(results: dict) -> str:
         lines.append(f"Disk (this run): cold read {fl['read_buffered_Bps'] / 1e6:.0f} MB/s buffered, "
                      f"{fl['read_direct_Bps'] / 1e6:.0f} MB/s O_DIRECT; fsynced write "
                      f"{fl['write_buffered_Bps'] / 1e6:.0f} MB/s buffered, {fl['write_direct_Bps'] / 1e6:.0f} MB/s "
-                     f"O_DIRECT" + (f" (at the end: {end['read_buffered_Bps'] / 1e6:.0f} / "
+                     f"O_DIRECT" + (f"; the base's largest shard read cold: {fl['input']['read_buffered_Bps'] / 1e6:.0f} "
+                                    f"MB/s buffered, {fl['input']['read_direct_Bps'] / 1e6:.0f} MB/s O_DIRECT"
+                                    if fl.get("input") else "")
+                     + (f" (at the end: {end['read_buffered_Bps'] / 1e6:.0f} / "
                                     f"{end['read_direct_Bps'] / 1e6:.0f} read, {end['write_buffered_Bps'] / 1e6:.0f} / "
                                     f"{end['write_direct_Bps'] / 1e6:.0f} write)" if end.get("read_direct_Bps") else "")
                      + ".")
@@ -846,9 +884,12 @@ def render(results: dict) -> str:
                         ("convert-hf", "zhllama convert on the merged checkpoint")):
         if name in steps:
             lines.append(_row(label, steps[name], fl))
-    for kind, r in (steps.get("before") or {}).items():
-        if isinstance(r, dict):
-            lines.append(_row(f"before (the starting code): {kind}", r, fl))
+    pairs = {k: r for k, r in (steps.get("before") or {}).items() if isinstance(r, dict)}
+    if pairs:
+        lines += ["", "Before / after, like for like (the stage function in a fresh child, inputs cold; "
+                  "before = the code this work started from):", "", HEAD]
+        for kind, r in pairs.items():
+            lines.append(_row(kind, r, fl))
     pf = steps.get("preflight-full")
     if pf and "store" in pf:
         lines += ["", f"Preflight of the full build (f16 + {', '.join(QUANTS)} + evaluation): new store entries "
@@ -897,7 +938,7 @@ def plot(results_files: list[Path], out: Path) -> None:
                 items.append((label, r, True))
         for kind, r in (steps.get("before") or {}).items():
             if isinstance(r, dict) and r.get("wall_s"):
-                items.append((f"before: {kind}", r, True))
+                items.append((kind, r, True))
         labels = [i[0] for i in items]
         y = range(len(items))
         ax = row[0]
@@ -944,6 +985,9 @@ def main(argv: list[str] | None = None) -> int:
                     "MemAvailable - 2 GiB, at most 20)")
     ap.add_argument("--before", help="a copy of the starting code's tree (git archive), for the before column")
     ap.add_argument("--no-eval", action="store_true", help="no evaluation stages")
+    ap.add_argument("--cold", action="store_true", help="drop every file of the run from the page cache before "
+                    "each build stage (default: the build runs as a user runs it; the alternatives and the "
+                    "before/after pairs always start cold)")
     ap.add_argument("--clean", action="store_true", help="remove the generated inputs at the end (default: kept "
                     "and reused by the next run)")
     ap.add_argument("--keep-other", action="store_true", help="do not remove another size's set")

@@ -8,11 +8,12 @@ machine that hands freed memory back to its host, a fresh page also costs a host
 buffered read of a cold file ran at 165 MB/s with 3 s of system time per GB, the same file read
 with ``O_DIRECT`` at 736 MB/s with almost none. The remedies:
 
-* :class:`TensorFile` reads a tensor's bytes straight into a buffer: with ``O_DIRECT`` (the device
-  writes into our memory; no page-cache pages, no copy, and the input never evicts the output the
-  next stage reads) where the filesystem allows it, else with ``pread`` plus the sequential
-  read-ahead hint, ``POSIX_FADV_WILLNEED`` for the next tensor and ``POSIX_FADV_DONTNEED`` for
-  bytes consumed;
+* :class:`TensorFile` reads a tensor's bytes straight into a buffer: copied from the page cache
+  when all of it is there already (``preadv2(RWF_NOWAIT)``: a stage before just wrote or read it),
+  else with ``O_DIRECT`` (the device writes into our memory; no page-cache pages, no copy, and the
+  input never evicts the output the next stage reads) where the filesystem allows it, else with
+  ``pread`` plus the sequential read-ahead hint, ``POSIX_FADV_WILLNEED`` for the next tensor and
+  ``POSIX_FADV_DONTNEED`` for bytes consumed;
 * :class:`BufferPool` (:data:`POOL`, :func:`empty`) hands a large block out again once nothing
   references the tensor it backed — a stream reuses the same few blocks for every layer, already
   faulted in — and gets fresh blocks through numpy, which asks for transparent huge pages (one
@@ -43,6 +44,7 @@ DIRECT_MIN = 1 << 20  # tensors smaller than this are read buffered (an aligned 
 
 _FADVISE = getattr(os, "posix_fadvise", None)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 def advise(fd: int, offset: int, length: int, advice: str) -> None:
@@ -180,10 +182,10 @@ class TensorFile:
     """One input file read tensor by tensor (positioned reads: safe from several threads).
 
     ``read(offset, shape, dtype)`` returns a new tensor with the bytes stored at ``offset``. Large
-    tensors are read with ``O_DIRECT`` into a recycled aligned block (the tensor views it at the
-    offset's distance from the aligned start) where the filesystem accepts it; otherwise, and for
-    small tensors, with buffered ``pread``, read ahead sequentially and dropped from the page cache
-    once consumed. ``will_need`` starts a buffered read-ahead of a range (a no-op for direct reads,
+    tensors go into a recycled aligned block (the tensor views it at the offset's distance from the
+    aligned start): copied from the page cache if they are all cached, else read with ``O_DIRECT``
+    where the filesystem accepts it; otherwise, and for small tensors, with buffered ``pread``, read
+    ahead sequentially and dropped from the page cache once consumed. ``will_need`` starts a buffered read-ahead of a range (a no-op for direct reads,
     which a reading thread overlaps instead).
     """
 
@@ -242,6 +244,9 @@ class TensorFile:
         # shape reuses the same pooled blocks
         size = -(-nbytes // ALIGN) * ALIGN + ALIGN
         block = POOL.block(size)
+        start = offset - lo
+        if self._cached_into(memoryview(block)[start:start + nbytes], offset):
+            return torch.from_numpy(block)[start:start + nbytes]
         try:
             _read_full(self._direct_fd, memoryview(block)[:span], lo, need=offset + nbytes - lo, what=what)
         except OSError as exc:
@@ -249,8 +254,28 @@ class TensorFile:
                 raise
             self._direct_fd = -1  # the filesystem took the open but not the read: buffered from now on
             return None
-        start = offset - lo
         return torch.from_numpy(block)[start:start + nbytes]
+
+    def _cached_into(self, view: memoryview, offset: int) -> bool:
+        """Fill ``view`` from the page cache if all of it is there (``RWF_NOWAIT``: no device read).
+
+        A stage that just wrote or read these bytes left them cached: copying them beats reading
+        them from the device again, which is all ``O_DIRECT`` can do.
+        """
+        if not _RWF_NOWAIT:
+            return False
+        fd, got = self._buffered(), 0
+        try:
+            while got < len(view):
+                n = os.preadv(fd, [view[got:got + READ_CHUNK]], offset + got, _RWF_NOWAIT)
+                if n <= 0:
+                    return False
+                got += n
+        except OSError as exc:  # EAGAIN: not (all) in the page cache; EOPNOTSUPP/EINVAL: no such reads here
+            if exc.errno not in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            return False
+        return True
 
 
 # ------------------------------------------------------------------ reading ahead

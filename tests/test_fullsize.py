@@ -19,7 +19,13 @@ from pipeline_lib.errors import DiskSpaceError
 from pipeline_lib.pipeline import build_graph, plan_build, preflight, run_build
 from pipeline_lib.pipeline.execute import prepared_inputs
 from pipeline_lib.store import Store
-from pipeline_lib.synthetic import RELEASE_VOCAB, SIZED_DONE, SIZED_ROLES, make_sized_release, sized_release_table
+from pipeline_lib.synthetic import (
+    RELEASE_VOCAB,
+    SIZED_DONE,
+    SIZED_ROLES,
+    make_sized_release,
+    sized_release_table,
+)
 from pipeline_lib.tokenizer import piece_count
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -253,3 +253,17 @@ def test_gguf_table_equals_gguf_reader(tiny_release, tmp_path):
     cut.write_bytes(out.read_bytes()[:2000])
     with pytest.raises(InputError, match="tensor table"):
         read_tensor_table(cut)
+
+
+@pytest.mark.skipif(not getattr(os, "RWF_NOWAIT", 0), reason="preadv2 RWF_NOWAIT is Linux-only")
+def test_cached_bytes_are_copied_not_read_again(data_file):
+    path, raw = data_file
+    f = iobuf.TensorFile(path)
+    view = memoryview(bytearray(1 << 20))
+    iobuf.drop_cache(path)
+    assert not f._cached_into(view, 4096)  # not in the page cache: the caller reads the device
+    with open(path, "rb") as fh:
+        fh.read()  # now it is
+    assert f._cached_into(view, 4096) and bytes(view) == raw[4096:4096 + (1 << 20)]
+    t = f.read(4096, (1 << 20,), torch.uint8, what="data.bin")
+    assert t.numpy().tobytes() == raw[4096:4096 + (1 << 20)]

@@ -25,10 +25,10 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 from pipeline_lib.buildspec import BuildSpec
-from pipeline_lib.pipeline import BuildResult, StageRun, build_graph, plan_build, resolve_deps
+from pipeline_lib.pipeline import BuildResult, StageRun, build_graph, plan_build, preflight, resolve_deps
 from pipeline_lib.pipeline.execute import prepared_inputs
 from pipeline_lib.pipeline.stages import REPORTER
-from pipeline_lib.store import default_root
+from pipeline_lib.store import Store, default_root
 from tasks.runners import check_cluster, follow_console, submit, task_runner
 from tasks.stage import for_node, post_artifacts, publish_task, resources
 
@@ -45,6 +45,7 @@ def build_model(spec: BuildSpec) -> BuildResult:
     logger.info("building %s (%s) into %s: %d stages; artifact store %s", plan.name, plan.display, plan.out_dir,
                 len(nodes), store_root)
     prepared = prepared_inputs(plan, nodes)
+    preflight.check(plan, nodes, prepared, Store(store_root))  # every output must fit before the first byte
     runner = task_runner(spec)
     with contextlib.ExitStack() as stack:
         if runner is not None:  # a Dask cluster: started (or connected to) and checked before any stage

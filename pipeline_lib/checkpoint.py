@@ -6,12 +6,16 @@ that implements :class:`TensorSource`: ``config`` (an HF ``config.json`` dict), 
 ``inv_freq`` left out) and ``iter_tensors()`` (the same tensors, HF layout, one at a time), plus
 ``load(name)`` for random access.
 
-Memory: no reader holds more than one tensor. ``.bin`` shards and ``.pth`` parts are opened with
-``torch.load(mmap=True, weights_only=True)``; a loaded tensor is copied out of the mapping and the
-mapped pages are then dropped (``madvise(MADV_DONTNEED)`` on the private, never-written mapping), so
-the resident set does not grow with the shard size. Safetensors data is read with plain file reads
-at the offsets of the header (safe_open is used for names, shapes and dtypes only), which never maps
-the file at all.
+Memory and speed: no reader holds more than one tensor. ``.bin`` shards and ``.pth`` parts are opened
+with ``torch.load(mmap=True, weights_only=True)`` for their names, shapes and storage locations only
+(mapping costs nothing until touched); a tensor's bytes are then read with ``pread`` at its offset in
+the zip into a new buffer (:mod:`pipeline_lib.iobuf`), never faulted in page by page from the
+mapping. The file is read with the sequential read-ahead hint, and each range read is dropped from
+the page cache (it is streamed once), so the output just written stays cached for the next stage.
+Where a storage's offset cannot be found (an unusual zip), the tensor is copied out of the mapping
+and the mapped pages are dropped (``madvise(MADV_DONTNEED)`` on the private, never-written mapping).
+Safetensors data is read the same way at the offsets of its header (safe_open is used for names,
+shapes and dtypes only), which never maps the file at all.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from . import names
+from . import iobuf, names
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -213,6 +217,7 @@ class SafetensorsFile:
             raise InputError(f"cannot read safetensors file {path}: {exc}",
                              fix="re-download the file") from exc
         self.data_start = 8 + hlen
+        self._file = iobuf.TensorFile(path)  # opened on the first read, closed with the reader
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for k in keys:
             e = header[k]
@@ -229,21 +234,20 @@ class SafetensorsFile:
         dtype, shape, _, _ = self.entries[key]
         return dtype, shape
 
+    def will_need(self, key: str) -> None:
+        """Start reading ``key``'s bytes in the background (buffered reads only)."""
+        _, _, start, end = self.entries[key]
+        self._file.will_need(self.data_start + start, end - start)
+
     def load(self, key: str) -> torch.Tensor:
         dtype, shape, start, end = self.entries[key]
-        t = torch.empty(shape, dtype=dtype)
-        buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
-        if buf is not None:
-            with open(self.path, "rb", buffering=0) as fh:
-                fh.seek(self.data_start + start)
-                view = memoryview(buf)
-                got = 0
-                while got < end - start:
-                    n = fh.readinto(view[got:])
-                    if not n:
-                        raise InputError(f"{self.path} is truncated (tensor {key})", fix="re-download the file")
-                    got += n
-        return t
+        n = 1
+        for d in shape:
+            n *= d
+        if n * dtype_size(dtype) != end - start:
+            raise InputError(f"{self.path}: tensor {key} has {end - start} bytes for shape {list(shape)}",
+                             fix="re-download the file")
+        return self._file.read(self.data_start + start, shape, dtype, what=f"{self.path} (tensor {key})")
 
 
 # ------------------------------------------------------------------ the checkpoint
@@ -253,10 +257,11 @@ class _Reader(Protocol):
     def keys(self) -> list[str]: ...
     def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]: ...
     def load(self, key: str) -> torch.Tensor: ...
+    def will_need(self, key: str) -> None: ...
 
 
 class _BinFile:
-    """One ``.bin`` (zip pickle) file opened with mmap; tensors are copied out one at a time."""
+    """One ``.bin``/``.pth`` (zip pickle) file: names from ``torch.load(mmap=True)``, bytes by ``pread``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -264,6 +269,8 @@ class _BinFile:
         bad = [k for k, v in self._sd.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise InputError(f"{path}: entries {bad[:3]} are not tensors", expected="a state dict of tensors")
+        self._offsets = storage_offsets(path, self._sd) if self._mapped else {}
+        self._file = iobuf.TensorFile(path)
 
     def keys(self) -> list[str]:
         return list(self._sd)
@@ -272,8 +279,72 @@ class _BinFile:
         t = self._sd[key]
         return t.dtype, tuple(t.shape)
 
+    def will_need(self, key: str) -> None:
+        """Start reading ``key``'s bytes in the background (buffered reads only)."""
+        t, offset = self._sd[key], self._offsets.get(key)
+        if offset is not None:
+            self._file.will_need(offset, t.numel() * t.element_size())
+
     def load(self, key: str) -> torch.Tensor:
-        return copy_out(self._sd[key], mapped=self._mapped)
+        t = self._sd[key]
+        offset = self._offsets.get(key)
+        if offset is None or not t.is_contiguous():
+            return copy_out(t, mapped=self._mapped)
+        return self._file.read(offset, tuple(t.shape), t.dtype, what=f"{self.path} (tensor {key})")
+
+
+def _record_data_offsets(path: Path) -> dict[int, int]:
+    """Data offset -> size of every ``<stem>/data/<key>`` record of a torch zip (stored, uncompressed)."""
+    offsets = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        for info in zf.infolist():
+            parts = info.filename.split("/")
+            if len(parts) != 3 or parts[1] != "data" or info.compress_type != zipfile.ZIP_STORED:
+                continue
+            fh.seek(info.header_offset)
+            local = fh.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                return {}
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            offsets[info.header_offset + 30 + name_len + extra_len] = info.file_size
+    return offsets
+
+
+def storage_offsets(path: Path, state_dict: dict) -> dict[str, int]:
+    """Where each tensor's first byte lies in the file, for tensors ``torch.load(mmap=True)`` mapped.
+
+    torch maps the whole file once and every storage is the slice at its record's data offset, so
+    storage address minus record offset is the same for all of them: the mapping's base. Found from
+    the lowest storage and lowest record, then checked for every storage (a record at that offset,
+    of that size, whose first bytes in the file are the storage's); anything that does not fit
+    returns ``{}`` and the reader copies out of the mapping instead.
+    """
+    try:
+        records = _record_data_offsets(path)
+    except (OSError, zipfile.BadZipFile, struct.error):
+        return {}
+    storages: dict[int, tuple[torch.UntypedStorage, list[str]]] = {}
+    for key, t in state_dict.items():
+        if t.numel():
+            st = t.untyped_storage()
+            storages.setdefault(st.data_ptr(), (st, []))[1].append(key)
+    if not records or not storages or len(records) < len(storages):
+        return {}
+    base = min(storages) - min(records)
+    out = {}
+    with open(path, "rb") as fh:
+        for ptr, (st, keys) in storages.items():
+            offset = ptr - base
+            if records.get(offset) != st.nbytes():
+                return {}
+            head = min(st.nbytes(), 64)
+            fh.seek(offset)
+            if fh.read(head) != bytes(st[:head]):  # one page of the mapping touched per storage
+                return {}
+            for key in keys:
+                t = state_dict[key]
+                out[key] = offset + t.storage_offset() * t.element_size()
+    return out
 
 
 def open_tensor_file(path: Path) -> _Reader:
@@ -305,8 +376,12 @@ class Checkpoint:
         return list(self._infos.values())
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self._infos:
-            yield name, self.load(name)
+        """Every tensor in order; the next one is read on a thread while the consumer uses this one."""
+        names_ = list(self._infos)
+        with iobuf.ReadAhead(names_, self.load) as reads:
+            for i, name in enumerate(names_):
+                yield name, reads.take(i)
+        iobuf.POOL.trim()
 
     # -- extras
     def names(self) -> list[str]:
@@ -324,6 +399,11 @@ class Checkpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self._infos
+
+    def will_need(self, name: str) -> None:
+        """Hint that ``name`` is read next: its bytes are read ahead in the background."""
+        for reader, key in self._layout[name]:
+            reader.will_need(key)
 
     def load(self, name: str) -> torch.Tensor:
         """The tensor ``name`` (HF naming and layout), an owned copy."""

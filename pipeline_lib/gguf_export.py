@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import names
+from . import iobuf, names
 from .errors import InputError
 from .fsutil import atomic_path, check_disk_space, claim_output
 from .progress import bar
@@ -438,23 +438,38 @@ def to_gguf_array(t: torch.Tensor, tp: TensorPlan) -> np.ndarray:
     """One HF tensor -> the bytes llama.cpp's converter would write for it."""
     gguf = _gguf()
     if tp.permute_heads:
-        t = names.hf_to_meta_rotary(t, tp.permute_heads)
+        t = _unpermuted(t, tp.permute_heads)
     if t.dtype not in (torch.float16, torch.float32):
         t = t.to(torch.float32)  # bf16 etc.: numpy has no bf16; same widening as the reference
     data = t.contiguous().numpy()
     return gguf.quants.quantize(data, gguf.GGMLQuantizationType(tp.qtype))
 
 
-class _WriteBehind:
-    """Write tensors on a thread while the next one is read and converted.
+def _unpermuted(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``names.hf_to_meta_rotary(t, n_heads)`` copied into a recycled buffer (no fresh pages per tensor)."""
+    rows = t.shape[0]
+    if rows % (2 * n_heads):
+        return names.hf_to_meta_rotary(t, n_heads)  # the table's own error/handling for odd shapes
+    half = rows // n_heads // 2
+    out = iobuf.empty(tuple(t.shape), t.dtype)
+    out.view(n_heads, half, 2, *t.shape[1:]).copy_(t.reshape(n_heads, 2, half, *t.shape[1:]).transpose(1, 2))
+    return out
 
-    Reading (a copy out of the checkpoint's mmap) and writing (numpy's ``tofile``) both release the
-    GIL, so they overlap. At most one converted tensor waits, so memory stays at a few tensors.
-    A write error is re-raised in the producer; leaving the block joins the thread either way.
+
+class _WriteBehind:
+    """Write tensors on a thread while the next one is converted (``threaded``), or in line.
+
+    The thread pays off when converting costs CPU (q8_0: numpy quantizes every block); for float
+    outtypes the conversion is a view, and the source stream reads and merges the next tensor in its
+    own thread anyway, so writing in line keeps one tensor fewer alive (peak RSS) at the same speed.
+    Numpy's ``tofile`` releases the GIL, so a threaded write overlaps the conversion. At most one
+    converted tensor waits. A write error is re-raised in the producer; leaving the block joins the
+    thread either way.
     """
 
-    def __init__(self, write: Callable[[np.ndarray], None]) -> None:
+    def __init__(self, write: Callable[[np.ndarray], None], *, threaded: bool = True) -> None:
         self._write = write
+        self._threaded = threaded
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._abort = False
@@ -470,20 +485,30 @@ class _WriteBehind:
             del item
 
     def submit(self, data: np.ndarray) -> None:
+        if not self._threaded:
+            self._write(data)
+            return
         if self._error is not None:
             raise self._error
         self._queue.put(data)
 
     def __enter__(self) -> _WriteBehind:
-        self._thread.start()
+        if self._threaded:
+            self._thread.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._threaded:
+            return
         self._abort = exc_type is not None
         self._queue.put(None)
         self._thread.join()
         if exc_type is None and self._error is not None:
             raise self._error
+
+
+# Outtypes whose conversion is real CPU work (numpy quantization): their writes go on a thread.
+THREADED_WRITE = frozenset({"q8_0"})
 
 
 @dataclass(frozen=True)
@@ -533,7 +558,8 @@ def convert(source, *, out: str | os.PathLike[str], outtype: str = "f16", name: 
         writer.write_ti_data_to_file()
         order = [tp.hf_name for tp in plan.tensors]
         done = 0
-        with bar(plan.tensor_bytes, f"convert {out.name}") as pbar, _WriteBehind(writer.write_tensor_data) as wb:
+        with (bar(plan.tensor_bytes, f"convert {out.name}") as pbar,
+              _WriteBehind(writer.write_tensor_data, threaded=outtype in THREADED_WRITE) as wb):
             for hf_name, tensor in src.iter_tensors():
                 if names.is_ignored(hf_name):
                     continue

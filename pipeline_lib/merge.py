@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from . import fsutil
+from . import fsutil, iobuf
 from .checkpoint import DTYPE_BY_NAME, Checkpoint, TensorInfo, dtype_name, open_checkpoint
 from .errors import InputError
 from .lora import LoraAdapter, LoraPair, load_adapter, tokenizer_size
@@ -443,6 +443,13 @@ def plan_merge(base: str | Path | Checkpoint, loras: Sequence[str | Path | LoraA
 # ------------------------------------------------------------------ execute
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _non_finite(t: torch.Tensor) -> str | None:
     """'3 NaN, 1 Inf' if ``t`` holds non-finite values, else None.
 
@@ -459,6 +466,7 @@ def _non_finite(t: torch.Tensor) -> str | None:
 
 
 _SAME_SIZE_INT: dict[int, torch.dtype] = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_HALF = (torch.float16, torch.bfloat16)  # output dtypes the release update rounds to chunk by chunk
 
 
 def _changed(after: torch.Tensor, before: torch.Tensor) -> bool:
@@ -475,17 +483,58 @@ def _refuse_non_finite_input(t: torch.Tensor, name: str, origin: str) -> None:
                          expected="finite weights", fix="re-download the file and check it with `zhllama verify`")
 
 
-def _delta(plan: MergePlan, idx: int, pair: LoraPair) -> torch.Tensor:
-    """The float32 update of one pair: ``(B.float() @ A.float())`` [transposed] ``* scale``."""
+def _delta(plan: MergePlan, idx: int, pair: LoraPair, ws: iobuf.Workspace | None = None) -> torch.Tensor:
+    """The float32 update of one pair: ``(B.float() @ A.float())`` [transposed] ``* scale``.
+
+    With a workspace the product is formed in its reused ``delta`` buffer (``mm(..., out=)`` runs the
+    same kernel as ``@``: the same bits) and stays valid until the next call.
+    """
     lora = plan.loras[idx]
     a = lora.load(pair.a_key).to(torch.float32)
     b = lora.load(pair.b_key).to(torch.float32)
-    delta = b @ a  # PEFT's (and the release's) order of operations
+    transpose = pair.embedding or (lora.fan_in_fan_out and not plan.precise)
+    if ws is not None and not transpose:
+        delta = torch.mm(b, a, out=ws.get("delta", (b.shape[0], a.shape[1]), torch.float32))
+    else:
+        delta = b @ a  # PEFT's (and the release's) order of operations
     del a, b
-    if pair.embedding or (lora.fan_in_fan_out and not plan.precise):
+    if transpose:
         delta = delta.T.contiguous()  # lora_embedding_*: (B @ A).T as PEFT; fan_in_fan_out: the release's transpose()
     delta *= pair.scaling
     return delta
+
+
+# Elements per chunk of the release update: no whole-tensor temporary is ever allocated (the chunk buffers
+# are 48 MB), and each of the few elementwise ops per chunk is large enough to amortise starting its
+# threads (1M-element chunks spent more time waking OpenMP workers than adding on a busy 2-core host).
+CHUNK = 1 << 23
+
+
+def _release_update(w16: torch.Tensor, exact: torch.Tensor, ws: iobuf.Workspace) -> tuple[bool, bool]:
+    """``w16 = fp16(fp32(w16) + exact)`` in place, chunk by chunk, leaving the float32 sum in ``exact``.
+
+    Bit for bit the release's ``W16 += delta`` (IEEE addition commutes; every step is elementwise, so
+    chunking changes nothing). Returns (any element changed, the result is finite).
+    """
+    flat16, flat32 = w16.view(-1), exact.view(-1)
+    n = flat16.numel()
+    as_int = _SAME_SIZE_INT[w16.element_size()]
+    widened = ws.get("chunk32", (min(CHUNK, n),), torch.float32)
+    rounded = ws.get("chunk16", (min(CHUNK, n),), w16.dtype)
+    changed, finite = False, True
+    for lo in range(0, n, CHUNK):
+        hi = min(lo + CHUNK, n)
+        old, s32 = flat16[lo:hi], flat32[lo:hi]
+        up, new = widened[:hi - lo], rounded[:hi - lo]
+        up.copy_(old)  # exact widening: no rounding
+        s32.add_(up)
+        new.copy_(s32)  # the one rounding to the output dtype (round to nearest even, as .to())
+        if finite and _non_finite(new):
+            finite = False
+        if not changed:
+            changed = not torch.equal(new.view(as_int), old.view(as_int))
+        old.copy_(new)
+    return changed, finite
 
 
 def _refuse_bad_update(plan: MergePlan, idx: int, pair: LoraPair, exact: torch.Tensor, result: torch.Tensor) -> None:
@@ -507,15 +556,23 @@ def _refuse_bad_update(plan: MergePlan, idx: int, pair: LoraPair, exact: torch.T
             "if the values are meant to be that large, merge with --dtype float32")
 
 
-def _merged_tensor(plan: MergePlan, step: TensorStep) -> torch.Tensor:
-    audit = plan.audit
+def _load_step(plan: MergePlan, step: TensorStep) -> torch.Tensor:
+    """The tensor a step starts from: the base's, or the full weight of the LoRA that replaces it."""
     if step.source is None:
-        t = plan.base.load(step.name)
+        return plan.base.load(step.name)
+    lora = plan.loras[step.source]
+    return lora.load(lora.full_weights[step.name].name)
+
+
+def _merged_tensor(plan: MergePlan, step: TensorStep, ws: iobuf.Workspace | None = None,
+                   loaded: torch.Tensor | None = None) -> torch.Tensor:
+    audit = plan.audit
+    ws = ws if ws is not None else iobuf.Workspace()
+    t = loaded if loaded is not None else _load_step(plan, step)
+    if step.source is None:
         _refuse_non_finite_input(t, step.name, f"the base model {plan.base.path}")
     else:
-        lora = plan.loras[step.source]
-        t = lora.load(lora.full_weights[step.name].name)
-        _refuse_non_finite_input(t, step.name, f"LoRA {lora.name}")
+        _refuse_non_finite_input(t, step.name, f"LoRA {plan.loras[step.source].name}")
     if plan.precise and step.deltas:
         w = t.to(torch.float32)
         for idx, pair in step.deltas:
@@ -537,16 +594,26 @@ def _merged_tensor(plan: MergePlan, step: TensorStep) -> torch.Tensor:
                              fix="merge with --dtype float32 to keep the values")
         for idx, pair in step.deltas:
             # The release adds in place, W16 += delta, which computes fp32(W16) + delta and rounds it to fp16.
-            # The same sum (IEEE addition commutes) formed in the delta's own buffer, then rounded: bit for bit
-            # that result (tested against the in-place form), without a second copy of W for the audit.
-            exact = _delta(plan, idx, pair)
-            exact += out
-            new = exact.to(plan.dtype)
-            _refuse_bad_update(plan, idx, pair, exact, new)
+            # The same sum (IEEE addition commutes) formed in the delta's reused buffer and rounded into W
+            # chunk by chunk: bit for bit that result (tested against the in-place form), with no
+            # whole-tensor temporary and the audit's old-vs-new comparison made on each chunk.
+            exact = _delta(plan, idx, pair, ws)
+            if exact.shape != out.shape:
+                raise RuntimeError(f"update of {step.name} has shape {tuple(exact.shape)}, planned {tuple(out.shape)}")
+            if out.dtype in _HALF and exact.dtype == torch.float32 and out.is_contiguous() and exact.is_contiguous():
+                # ``out`` is this tensor's own copy (every reader returns a new tensor): updated in place
+                changed, finite = _release_update(out, exact, ws)
+                if not finite:
+                    _refuse_bad_update(plan, idx, pair, exact, out)
+            else:  # a float32 output: the plain form (a copy: ``exact`` is the workspace's buffer)
+                exact += out
+                new = exact.to(plan.dtype, copy=True)
+                _refuse_bad_update(plan, idx, pair, exact, new)
+                changed = _changed(new, out)
+                out = new
             if audit is not None:
-                audit.pair(idx, pair.target, _changed(new, out))
-            out = new
-            del exact, new
+                audit.pair(idx, pair.target, changed)
+            del exact
     if step.source is not None and audit is not None and step.name in VOCAB_TENSORS and not step.deltas:
         # the release's own check: the enlarged embed_tokens/lm_head are the last LoRA's full copies
         audit.copy(step.name, step.source, out is t or bool(torch.equal(out, t.to(plan.dtype))))
@@ -560,28 +627,49 @@ def iter_merged(plan: MergePlan, *, prefetch: bool = True) -> Iterator[tuple[str
     """The merged tensors in write order, one at a time (HF names and layout, ``plan.dtype``).
 
     With ``prefetch`` the next tensor is read and merged in a background thread while the consumer
-    writes the current one (torch and file I/O release the GIL), so at most two tensors are alive.
+    writes the current one (torch and file I/O release the GIL), so at most two tensors are alive,
+    plus the stream's float32 workspace (the largest merged tensor's update, allocated once). Read
+    buffers come from :data:`pipeline_lib.iobuf.POOL` and are recycled as the consumer drops them.
     After the last tensor the audit is finished (``plan.audit.result``); a LoRA that changed nothing
     raises InputError there, so a consumer must exhaust the stream (every writer here does).
     """
     steps = list(plan.steps.values())
     if plan.audit is not None:
         plan.audit.reset()
+    # The stream's scratch buffers, used by one worker at a time and reused for every tensor: the float32
+    # update sized once for the largest merged tensor, and freed after the last one that needs it (the
+    # stream ends with lm_head, the largest tensor of all, which needs none).
+    ws = iobuf.Workspace()
+    merged = [i for i, st in enumerate(steps) if st.deltas]
+    if merged and not plan.precise:
+        ws.reserve("delta", max(_numel(steps[i].shape) for i in merged), torch.float32)
+    last_merged = merged[-1] if merged else -1
+
+    def work(i: int) -> torch.Tensor:
+        if i + 1 < len(steps) and steps[i + 1].source is None:
+            plan.base.will_need(steps[i + 1].name)  # buffered reads: the kernel reads the next tensor meanwhile
+        tensor = _merged_tensor(plan, steps[i], ws)
+        if i == last_merged:
+            ws.clear()
+        return tensor
+
     if not prefetch or len(steps) < 2:
-        for step in steps:
-            yield step.name, _merged_tensor(plan, step)
+        for i, step in enumerate(steps):
+            yield step.name, work(i)
     else:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhllama-merge") as pool:
-            pending = pool.submit(_merged_tensor, plan, steps[0])
+            pending = pool.submit(work, 0)
             try:
                 for i, step in enumerate(steps):
                     tensor = pending.result()
-                    pending = pool.submit(_merged_tensor, plan, steps[i + 1]) if i + 1 < len(steps) else None
+                    pending = pool.submit(work, i + 1) if i + 1 < len(steps) else None
                     yield step.name, tensor
                     del tensor
             finally:  # consumer stopped early or failed: do not leave work running
                 if pending is not None:
                     pending.cancel()
+    ws.clear()
+    iobuf.POOL.trim()  # the stream's recycled blocks are not needed by whatever runs next
     if plan.audit is not None:
         result = plan.audit.finish()
         log.info("%s", result.summary)

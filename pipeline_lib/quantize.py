@@ -95,19 +95,29 @@ def output_name(src: Path, qtype: str) -> str:
 
 
 def gguf_stats(path: Path, reader=None) -> tuple[int, int]:
-    """(parameters, tensor data bytes) of a GGUF file."""
-    import gguf
+    """(parameters, tensor data bytes) of a GGUF file (from ``reader`` if given, else its tensor table:
+    ``gguf.GGUFReader`` decodes every vocabulary entry, seconds per file)."""
+    if reader is not None:
+        return sum(int(t.n_elements) for t in reader.tensors), sum(int(t.n_bytes) for t in reader.tensors)
+    from .gguf_table import read_tensor_table
 
-    r = reader if reader is not None else gguf.GGUFReader(path)
-    return sum(int(t.n_elements) for t in r.tensors), sum(int(t.n_bytes) for t in r.tensors)
+    rows = read_tensor_table(path)
+    return sum(r.n_elements for r in rows), sum(r.nbytes for r in rows)
 
 
-def _progress_from_log(on_tensor: Callable[[int, int], None]) -> Callable[[str], None]:
-    """A llama_log listener turning llama.cpp's "[ i/ n]" lines into ``on_tensor(i, n)``."""
+def _progress_from_log(on_tensor: Callable[[int, int], None],
+                       on_name: Callable[[str], None] | None = None) -> Callable[[str], None]:
+    """A llama_log listener turning llama.cpp's "[ i/ n] name" lines into ``on_tensor(i, n)``.
+
+    ``on_name(tensor_name)`` hears the name of each tensor as llama.cpp starts it (the read-ahead).
+    """
 
     def listener(line: str) -> None:
         m = _PROGRESS_RE.search(line)
         if m:
+            if on_name is not None:
+                rest = line[m.end():].split(maxsplit=1)
+                on_name(rest[0] if rest else "")
             on_tensor(int(m.group(1)), int(m.group(2)))
 
     return listener
@@ -115,19 +125,74 @@ def _progress_from_log(on_tensor: Callable[[int, int], None]) -> Callable[[str],
 
 _LOCK = threading.Lock()  # llama.cpp's log is process-global: one quantization at a time, so its lines are its own
 
+READ_AHEAD = 512 << 20  # bytes of the input kept requested ahead of the tensor llama.cpp is quantizing
+
+
+class _InputReadAhead:
+    """Keeps the input file read ahead of llama.cpp's quantizer.
+
+    llama.cpp maps the input and quantizes tensor after tensor, reading each one by page faults only
+    when it gets to it (no prefetch), so the disk idles while it computes. Told which tensor it has
+    started (its own progress lines), this asks the kernel (``POSIX_FADV_WILLNEED``) for the tensors
+    that follow in the file, up to :data:`READ_AHEAD` bytes ahead, so reading overlaps quantizing. The
+    page cache is shared, so llama.cpp's mapping then finds the pages there. Only a hint: nothing
+    llama.cpp writes changes.
+    """
+
+    def __init__(self, path: Path, spans: list[tuple[str, int, int]]) -> None:
+        self._spans = sorted(spans, key=lambda s: s[1])  # (name, offset, nbytes) in file order
+        self._index = {name: i for i, (name, _, _) in enumerate(self._spans)}
+        self._hinted = -1
+        try:
+            self._fd: int | None = os.open(path, os.O_RDONLY)
+        except OSError:
+            self._fd = None
+        self.started("")
+
+    def started(self, name: str) -> None:
+        """llama.cpp started tensor ``name`` ("" before the first): request what follows it."""
+        from .iobuf import advise
+
+        i = self._index.get(name, -1)
+        if self._fd is None or (name and i < 0):
+            return
+        ahead, j = 0, i + 1
+        while j < len(self._spans) and ahead < READ_AHEAD:
+            _, offset, nbytes = self._spans[j]
+            if j > self._hinted:
+                advise(self._fd, offset, nbytes, "WILLNEED")
+                self._hinted = j
+            ahead += nbytes
+            j += 1
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
 
 def quantize_one(src: Path, out: Path, qtype: str, *, threads: int | None = None,
-                 on_tensor: Callable[[int, int], None] | None = None) -> None:
-    """llama.cpp-quantize ``src`` to ``out`` (atomically) with default parameters."""
+                 on_tensor: Callable[[int, int], None] | None = None,
+                 spans: list[tuple[str, int, int]] | None = None) -> None:
+    """llama.cpp-quantize ``src`` to ``out`` (atomically) with default parameters.
+
+    ``spans`` (tensor name, data offset, bytes) of the input let it be read ahead of llama.cpp.
+    """
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[qtype]
     params.nthread = int(threads or 0)  # 0: llama.cpp uses all hardware threads
-    with _LOCK, atomic_path(out) as tmp, llama_log.listen(_progress_from_log(on_tensor or (lambda i, n: None))):
-        rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params))
-        if rc != 0:
-            raise _failure(src, out, qtype, rc)
+    ahead = _InputReadAhead(src, spans) if spans else None
+    try:
+        listener = _progress_from_log(on_tensor or (lambda i, n: None), ahead.started if ahead is not None else None)
+        with _LOCK, atomic_path(out) as tmp, llama_log.listen(listener):
+            rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params))
+            if rc != 0:
+                raise _failure(src, out, qtype, rc)
+    finally:
+        if ahead is not None:
+            ahead.close()
 
 
 # free bytes under which a failed write is taken for a full disk
@@ -179,13 +244,14 @@ def quantize(gguf_path: str | os.PathLike[str], *, qtypes: Sequence[str], out_di
                                    inputs=[src], overwrite=overwrite)
             for q in types}
     n_params, src_tensor_bytes = gguf_stats(src, reader)
+    spans = [(t.name, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
     del reader
     need = sum(int(n_params * _PLAN_BPW[q] / 8) for q in types) + src.stat().st_size - src_tensor_bytes
     check_disk_space(out_dir, need, what=f"{len(types)} quantized file(s)")
     made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        outputs = _quantize_all(src, outs, n_params, threads=threads, on_progress=on_progress)
+        outputs = _quantize_all(src, outs, n_params, threads=threads, on_progress=on_progress, spans=spans)
     except BaseException:
         if made:  # a folder this call created and nothing finished in it: leave no trace
             with contextlib.suppress(OSError):
@@ -194,7 +260,8 @@ def quantize(gguf_path: str | os.PathLike[str], *, qtypes: Sequence[str], out_di
     return QuantizeResult(source=src, source_bytes=src.stat().st_size, outputs=tuple(outputs))
 
 
-def _quantize_all(src: Path, outs: dict[str, Path], n_params: int, *, threads, on_progress) -> list[QuantizedFile]:
+def _quantize_all(src: Path, outs: dict[str, Path], n_params: int, *, threads, on_progress,
+                  spans=None) -> list[QuantizedFile]:
     outputs = []
     for q, out in outs.items():
         t0 = time.perf_counter()
@@ -206,7 +273,7 @@ def _quantize_all(src: Path, outs: dict[str, Path], n_params: int, *, threads, o
                 if on_progress is not None:
                     on_progress(q, i, n)
 
-            quantize_one(src, out, q, threads=threads, on_tensor=on_tensor)
+            quantize_one(src, out, q, threads=threads, on_tensor=on_tensor, spans=spans)
         _, tensor_bytes = gguf_stats(out)
         res = QuantizedFile(qtype=q, path=out, file_bytes=out.stat().st_size, n_params=n_params,
                             bits_per_weight=tensor_bytes * 8 / n_params, seconds=time.perf_counter() - t0)

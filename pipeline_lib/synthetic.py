@@ -401,3 +401,238 @@ def make_release(root: str | Path, *, config: TinyConfig | None = None, seed: in
     return TinyRelease(root=root, config=cfg, tokenizers=toks, base_hf=base, llama_lora=llama_lora,
                        alpaca_lora=alpaca_lora, llama_vocab=llama_vocab, alpaca_vocab=alpaca_vocab,
                        extra={"llama_spec": asdict(llama_spec), "alpaca_spec": asdict(alpaca_spec)})
+
+
+# ------------------------------------------------------------------ real-size releases (benchmarks)
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """A LLaMA size as config.json gives it, and how huggyllama's HF copy shards it."""
+
+    name: str
+    hidden: int
+    ffn: int
+    heads: int
+    layers: int
+    shards: int  # pytorch_model-0000N-of-0000M.bin files of the 2023 HF copy
+    lora_r: tuple[int, int] = (8, 64)  # LLaMA-Plus and Alpaca-Plus LoRA ranks of the release
+
+    def config(self, *, layers: int | None = None, vocab: int = 32000) -> TinyConfig:
+        return TinyConfig(vocab_size=vocab, hidden_size=self.hidden, intermediate_size=self.ffn,
+                          num_hidden_layers=self.layers if layers is None else layers,
+                          num_attention_heads=self.heads, num_key_value_heads=self.heads,
+                          max_position_embeddings=2048)
+
+
+# Sizes as data (config.json of LLaMA 7B/13B/33B); "tiny" keeps the real vocabularies with small widths.
+LLAMA_SHAPES: dict[str, LlamaShape] = {
+    "tiny": LlamaShape("tiny", hidden=256, ffn=768, heads=4, layers=2, shards=2, lora_r=(8, 16)),
+    "7b": LlamaShape("7b", hidden=4096, ffn=11008, heads=32, layers=32, shards=2),
+    "13b": LlamaShape("13b", hidden=5120, ffn=13824, heads=40, layers=40, shards=3),
+    "33b": LlamaShape("33b", hidden=6656, ffn=17920, heads=52, layers=60, shards=7),
+}
+# The release's vocabularies: LLaMA, Chinese-LLaMA (merged), Chinese-Alpaca (merged + [PAD]).
+RELEASE_VOCAB = {"llama": 32000, "chinese-llama": 49953, "chinese-alpaca": 49954}
+SIZED_ROLES = {"base": "llama-base", "lora-0": "chinese-llama-plus-lora", "lora-1": "chinese-alpaca-plus-lora",
+               "chinese_sp": "chinese-sp"}
+SIZED_DONE = "SHA256SUMS"  # written last: its presence means the release is complete
+
+
+def pad_tokenizer(src: str | Path, n: int, out: str | Path, *, prefix: str) -> Path:
+    """``src`` (a sentencepiece model) grown to ``n`` pieces with filler pieces ``▁<prefix><i>``."""
+    from .tokenizer import load_proto
+
+    proto = load_proto(src)
+    have = {p.piece for p in proto.pieces}
+    i = 0
+    while len(proto.pieces) < n:
+        piece = f"\u2581{prefix}{i}"
+        i += 1
+        if piece in have:
+            continue
+        p = proto.pieces.add()
+        p.piece = piece
+        p.score = -100.0 - i * 1e-3
+    write_bytes_atomic(Path(out), proto.SerializeToString())
+    return Path(out)
+
+
+def release_tokenizers(root: str | Path) -> dict[str, Path]:
+    """The release's tokenizer chain at its real sizes: a 32000-piece LLaMA-like ``tokenizer.model``,
+    a ``chinese_sp.model`` whose merge adds exactly the 17953 pieces of Chinese-LLaMA, and the merged
+    Chinese-LLaMA (49953) and Chinese-Alpaca (49954) folders, made by the release's merge itself."""
+    from .tokenizer import load_proto
+
+    root = Path(root)
+    small = make_tokenizers(root / "src")
+    llama_dir = root / "llama"
+    llama_dir.mkdir(parents=True, exist_ok=True)
+    pad_tokenizer(small.llama_model, RELEASE_VOCAB["llama"], llama_dir / "tokenizer.model", prefix="en")
+    write_hf_tokenizer_files(llama_dir, kind=TokenizerKind.LLAMA)
+    llama_pieces = {p.piece for p in load_proto(llama_dir / "tokenizer.model").pieces}
+    chinese = load_proto(small.chinese_sp)
+    new = sum(1 for p in chinese.pieces if p.piece not in llama_pieces)
+    want_new = RELEASE_VOCAB["chinese-llama"] - RELEASE_VOCAB["llama"]
+    sp = pad_tokenizer(small.chinese_sp, len(chinese.pieces) + want_new - new, root / "chinese_sp.model", prefix="zh")
+    out = {"llama": llama_dir, "chinese_sp": sp}
+    for kind, key in ((TokenizerKind.LLAMA, "chinese-llama"), (TokenizerKind.ALPACA, "chinese-alpaca")):
+        res = merge_tokenizers(llama_dir / "tokenizer.model", sp, out=root / key, kind=kind)
+        if res.total_pieces != RELEASE_VOCAB[key]:  # pragma: no cover - the padding above guarantees it
+            raise RuntimeError(f"{key} tokenizer has {res.total_pieces} pieces, not {RELEASE_VOCAB[key]}")
+        out[key] = root / key
+    return out
+
+
+def _sized_tensor(seed: int, name: str, shape: tuple[int, ...], scale: float | None = None) -> torch.Tensor:
+    """One reproducible fp16 tensor: its own generator, seeded by (seed, name), so any order gives the same."""
+    import zlib
+
+    g = _gen(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if len(shape) == 1:
+        return (1.0 + 0.1 * torch.randn(shape, generator=g)).to(torch.float16)
+    t = torch.randn(shape, generator=g)
+    t *= scale if scale is not None else 1.0 / math.sqrt(shape[-1])
+    return t.to(torch.float16)
+
+
+def _write_torch_file(path: Path, items: list[tuple[str, tuple[int, ...], torch.dtype]], make) -> None:
+    """A 2023-layout torch.save file written tensor by tensor (``make(name)`` gives each); memory: one tensor."""
+    from . import torchsave
+    from .fsutil import atomic_path
+
+    entries = [torchsave.TensorEntry(k, dtype, shape) for k, shape, dtype in items]
+    with atomic_path(path) as tmp, torchsave.TorchSaveWriter(tmp, entries, ordered=True) as w:
+        for i, (key, _, _) in enumerate(items):
+            w.write_storage(i, make(key))
+
+
+def make_sized_release(root: str | Path, shape: LlamaShape | str, *, layers: int | None = None, seed: int = 0,
+                       progress=None) -> dict[str, Path]:
+    """A Chinese-Alpaca-Plus release at a real size under ``root``, reproducible from ``seed``.
+
+    Like the demo release, but at LLaMA's own widths: the base as huggyllama's 2023 HF copy
+    (``pytorch_model-*.bin`` fp16 shards in the 2023 torch.save layout, with ``inv_freq`` buffers, an
+    index, config.json with ``shape``'s sizes and ``layers`` blocks), the LLaMA-Plus (r 8) and
+    Alpaca-Plus (r 64) LoRAs with their 49953/49954-row ``embed_tokens``/``lm_head`` and tokenizers,
+    ``chinese_sp.model``, and a ``SHA256SUMS`` table (the release's official hashes' stand-in).
+    Streamed: one tensor in memory at a time. Reused: a part already present is skipped, and a
+    complete release (``SHA256SUMS`` present) is returned as it is. ``progress(what, nbytes)``.
+    Returns the role -> folder map of :data:`SIZED_ROLES` plus ``"root"``.
+    """
+    from .fsutil import atomic_dir, sha256_file
+
+    shape = LLAMA_SHAPES[shape] if isinstance(shape, str) else shape
+    root = Path(root)
+    paths = {role: root / folder for role, folder in SIZED_ROLES.items()} | {"root": root}
+    if (root / SIZED_DONE).is_file():
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = shape.config(layers=layers)
+    note = progress or (lambda what, n: None)
+
+    toks_dir = root / ".tokenizers"
+    if not (toks_dir / "chinese-alpaca" / "tokenizer.model").is_file():
+        with atomic_dir(toks_dir, replace=True) as tmp:
+            release_tokenizers(tmp)
+    toks = {k: toks_dir / k for k in ("llama", "chinese-llama", "chinese-alpaca")}
+
+    if not (paths["chinese_sp"] / "chinese_sp.model").is_file():
+        with atomic_dir(paths["chinese_sp"], replace=True) as tmp:
+            write_bytes_atomic(tmp / "chinese_sp.model", (toks_dir / "chinese_sp.model").read_bytes())
+
+    # the base: huggyllama's order (module registration, inv_freq after o_proj), split into shape.shards
+    base_shapes = cfg.shapes()
+    items: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    for name, shp in base_shapes.items():
+        items.append((name, shp, torch.float16))
+        if name.endswith("self_attn.o_proj.weight"):
+            items.append((name.replace("o_proj.weight", "rotary_emb.inv_freq"), (cfg.head_dim // 2,), torch.float32))
+    freq = inv_freq(cfg)
+
+    def base_tensor(key: str) -> torch.Tensor:
+        t = freq if key.endswith("inv_freq") else _sized_tensor(seed, key, base_shapes[key])
+        note(f"base {key}", t.numel() * t.element_size())
+        return t
+
+    if not (paths["base"] / "config.json").is_file():
+        total = sum(math.prod(s) * 2 for _, s, d in items if d == torch.float16)
+        per = -(-total // shape.shards)
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for it in items:
+            if groups[-1] and size >= per and len(groups) < shape.shards and not it[0].endswith("inv_freq"):
+                groups.append([])
+                size = 0
+            groups[-1].append(it)
+            size += math.prod(it[1]) * (2 if it[2] == torch.float16 else 4)
+        n = len(groups)
+        with atomic_dir(paths["base"], replace=True) as tmp:
+            weight_map = {}
+            for i, group in enumerate(groups):
+                fname = f"pytorch_model-{i + 1:05d}-of-{n:05d}.bin"
+                _write_torch_file(tmp / fname, group, base_tensor)
+                weight_map |= {k: fname for k, _, _ in group}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            write_text_atomic(tmp / "pytorch_model.bin.index.json", json.dumps(index, indent=2) + "\n")
+            write_text_atomic(tmp / "config.json", json.dumps(cfg.hf_config(), indent=2) + "\n")
+            write_text_atomic(tmp / "generation_config.json", json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+            _copy_tokenizer(toks["llama"], tmp)
+
+    # the LoRAs: pairs for every target module of every layer, then the enlarged embed_tokens/lm_head
+    for role, (r, alpha, vocab_key, lora_seed) in {
+        "lora-0": (shape.lora_r[0], 32.0, "chinese-llama", seed + 1),
+        "lora-1": (shape.lora_r[1], 2.0 * shape.lora_r[1], "chinese-alpaca", seed + 2),
+    }.items():
+        folder = paths[role]
+        if (folder / "adapter_config.json").is_file():
+            continue
+        spec = LoraSpec(r=r, alpha=alpha, seed=lora_seed)
+        vocab = RELEASE_VOCAB[vocab_key]
+        lora_items: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        shapes_of: dict[str, tuple[tuple[int, ...], float | None, str | None]] = {}
+        for bid in range(cfg.num_hidden_layers):
+            for target in spec.target_modules:
+                module = f"model.layers.{bid}.{names.LORA_TARGETS[target]}"
+                rows, cols = base_shapes[module + ".weight"]
+                a, b = f"base_model.model.{module}.lora_A.weight", f"base_model.model.{module}.lora_B.weight"
+                lora_items += [(a, (r, cols), torch.float16), (b, (rows, r), torch.float16)]
+                shapes_of[a] = ((r, cols), None, None)
+                shapes_of[b] = ((rows, r), 0.05, None)
+        for hf in ("model.embed_tokens.weight", "lm_head.weight"):
+            key = f"base_model.model.{hf}"
+            lora_items.append((key, (vocab, cfg.hidden_size), torch.float16))
+            shapes_of[key] = ((vocab, cfg.hidden_size), None, hf)
+
+        def lora_tensor(key: str, lora_seed=lora_seed, shapes_of=shapes_of, role=role) -> torch.Tensor:
+            shp, scale, base_name = shapes_of[key]
+            t = _sized_tensor(lora_seed, key, shp, scale)
+            if base_name is not None:  # the old vocabulary's rows stay close to the base's (trained rows)
+                old = _sized_tensor(seed, base_name, base_shapes[base_name])
+                t[:old.shape[0]] = (old.float() + 0.01 * t[:old.shape[0]].float()).to(torch.float16)
+            note(f"{role} {key}", t.numel() * 2)
+            return t
+
+        with atomic_dir(folder, replace=True) as tmp:
+            _write_torch_file(tmp / "adapter_model.bin", lora_items, lora_tensor)
+            write_text_atomic(tmp / "adapter_config.json", json.dumps(adapter_config(spec), indent=2) + "\n")
+            _copy_tokenizer(toks[vocab_key], tmp)
+
+    lines = []
+    for role in SIZED_ROLES:
+        for p in sorted(paths[role].iterdir()):
+            if p.is_file():
+                lines.append(f"{sha256_file(p)}  {paths[role].name}/{p.name}")
+                note(f"sha256 {p.name}", p.stat().st_size)
+    write_text_atomic(root / SIZED_DONE, "\n".join(lines) + "\n")
+    return paths
+
+
+def sized_release_table(root: str | Path) -> dict[str, dict[str, str]]:
+    """``SHA256SUMS`` of a sized release, grouped by folder: folder -> {file name: sha256}."""
+    out: dict[str, dict[str, str]] = {}
+    for line in (Path(root) / SIZED_DONE).read_text(encoding="utf-8").splitlines():
+        digest, _, rel = line.partition("  ")
+        folder, _, name = rel.partition("/")
+        out.setdefault(folder, {})[name] = digest
+    return out

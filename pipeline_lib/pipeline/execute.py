@@ -18,6 +18,7 @@ from typing import Any
 from .. import __version__
 from ..buildspec import EXECUTION_FIELDS, BuildSpec
 from ..store import Entry, Store
+from . import preflight
 from .graph import StageNode, build_graph, resolve_deps
 from .plan import BuildPlan, plan_build
 from .publishing import publish
@@ -104,6 +105,7 @@ def run_build(spec: BuildSpec, *, store: Store | None = None, reporter: Reporter
     plan = plan_build(spec, store_root=store.root)
     nodes = build_graph(plan)
     prepared = prepared_inputs(plan, nodes)
+    preflight.check(plan, nodes, prepared, store)  # every output must fit before the first byte is written
     entries: dict[str, Entry] = {}
     runs: list[StageRun] = []
     for node in nodes:

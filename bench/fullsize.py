@@ -389,7 +389,7 @@ def child_build(args) -> int:
 def child_inputs(args) -> int:
     from pipeline_lib.synthetic import make_sized_release
 
-    make_sized_release(Path(args.set_dir), args.size, layers=args.layers, seed=args.seed)
+    make_sized_release(Path(args.set_dir), args.size, layers=args.layers or None, seed=args.seed)  # 0: the shape's own
     return 0
 
 

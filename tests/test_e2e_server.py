@@ -196,7 +196,8 @@ def test_zhllama_server_deploys_everything_and_stops_on_ctrl_c(tmp_path):
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "ZHLLAMA_HOME": str(tmp_path / "zh"),
+    # a PREFECT_HOME whose parent does not exist yet (Prefect itself creates only the last level)
+    env |= {"PREFECT_HOME": str(tmp_path / "new" / "prefect"), "ZHLLAMA_HOME": str(tmp_path / "zh"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
     log = tmp_path / "server.out"
     with open(log, "wb") as fh:

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 from pipeline_lib.errors import InputError, ZhllamaError
 
@@ -186,7 +187,9 @@ def cmd_server(args: argparse.Namespace) -> int:
         env |= dict.fromkeys(DATABASE_SETTINGS, database)
         where = ("PostgreSQL " if database.startswith("postgresql") else "") + _redacted_db(database)
     else:
-        where = f"SQLite in {env.get('PREFECT_HOME', '~/.prefect')}"
+        home = Path(env.get("PREFECT_HOME") or "~/.prefect").expanduser()
+        home.mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level, then cannot open its database
+        where = f"SQLite in {home}"
     server = worker = None
 
     def interrupt(signum, frame):  # Ctrl-C, and SIGTERM from a process manager: stop cleanly

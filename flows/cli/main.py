@@ -69,7 +69,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _prefect_home() -> None:
+    """Create a configured PREFECT_HOME with its parents before Prefect is imported: Prefect makes only
+    the last level (warning at import when the parent is missing) and then cannot open its database."""
+    home = os.environ.get("PREFECT_HOME")
+    if home:
+        try:
+            os.makedirs(os.path.expanduser(home), exist_ok=True)
+        except OSError:
+            pass  # Prefect's own warning and error then say why
+
+
 def main(argv: list[str] | None = None) -> int:
+    _prefect_home()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * args.verbose

@@ -187,9 +187,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         env |= dict.fromkeys(DATABASE_SETTINGS, database)
         where = ("PostgreSQL " if database.startswith("postgresql") else "") + _redacted_db(database)
     else:
-        home = Path(env.get("PREFECT_HOME") or "~/.prefect").expanduser()
-        home.mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level, then cannot open its database
-        where = f"SQLite in {home}"
+        where = f"SQLite in {Path(env.get('PREFECT_HOME') or '~/.prefect').expanduser()}"  # made by main()
     server = worker = None
 
     def interrupt(signum, frame):  # Ctrl-C, and SIGTERM from a process manager: stop cleanly

@@ -417,10 +417,11 @@ def child_call(args) -> int:
     elif kind == "evaluate":
         from pipeline_lib.buildspec import EvalOptions
         from pipeline_lib.evaluate import evaluate
-        from pipeline_lib.pipeline.stages import _sample_kwargs
+        from pipeline_lib.pipeline.stages import _pass_options
 
-        options = EvalOptions().model_dump(exclude={"enabled"})
-        evaluate(job["src"], out=job["out"], reference=job["reference"], name=job["label"], **_sample_kwargs(options))
+        options = EvalOptions().model_dump(exclude={"enabled"})  # the evaluate stage's call, with the defaults
+        evaluate(job["src"], out=job["out"], reference=job["reference"], name=job["label"],
+                 options=_pass_options(options), plot=False)
     elif kind == "fingerprint":
         from pipeline_lib.fingerprint import fingerprint
 
@@ -953,7 +954,13 @@ def plot(results_files: list[Path], out: Path) -> None:
         ax.set_title(f"{res['size']}: time per stage vs the disk's floor")
         ax.legend(fontsize=8)
         ax = row[1]
-        ax.barh(y, [i[1].get("peak_rss", 0) / GiB for i in items], color="#8172b2")
+        # resident memory split as sampled: anonymous (the process's own) and file-backed (mapped model
+        # pages, which the kernel can drop); where only the peak is known, all of it drawn as one bar
+        anon = [min(i[1].get("peak_anon") or i[1].get("peak_rss", 0), i[1].get("peak_rss", 0)) / GiB for i in items]
+        rest = [max(i[1].get("peak_rss", 0) / GiB - a, 0.0) for i, a in zip(items, anon, strict=True)]
+        ax.barh(y, anon, color="#8172b2", label="anonymous")
+        ax.barh(y, rest, left=anon, color="#c9bfe6", label="file-backed (mapped files)")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
         ax.axvline(1.0, color="#c44e52", ls="--", lw=1)
         ax.axvline(2.0, color="#dd8452", ls="--", lw=1)
         ax.set_yticks(list(y), labels, fontsize=8)

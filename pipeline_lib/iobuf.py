@@ -96,7 +96,9 @@ class BufferPool:
     mapped twice. A block still referenced anywhere (a tensor kept by the caller, a numpy view of
     it) is never handed out again. At most ``per_size`` free blocks of each size are kept, none
     larger than ``max_block`` (the two vocabulary tensors of a model are allocated fresh rather
-    than held for the whole stream); :meth:`trim` frees them all. Blocks are ALIGN-aligned.
+    than held for the whole stream, and asking for one frees the blocks waiting for reuse first: the
+    stream's last tensor, ``lm_head``, then does not sit on top of a pool of layer blocks no later
+    tensor needs); :meth:`trim` frees them all. Blocks are ALIGN-aligned.
     """
 
     def __init__(self, *, per_size: int = 2, max_block: int = 256 << 20, min_block: int = 4 << 20) -> None:
@@ -117,6 +119,10 @@ class BufferPool:
                     raw = blocks.pop()
                     self.reused += 1
         if raw is None:
+            if not pooled:
+                # a vocabulary tensor (embed_tokens / lm_head, larger than any layer's): the free layer
+                # blocks go first, so that its pages take their place instead of adding to the peak
+                self.trim()
             raw = np.empty(nbytes + ALIGN, dtype=np.uint8)  # numpy asks for transparent huge pages here
             self.allocated += 1
         pad = -raw.ctypes.data % ALIGN

@@ -112,11 +112,13 @@ def test_preflight_refuses_before_any_stage_runs(sized, tmp_path, small_fs):
 
 
 def test_bench_fullsize_smoke(tmp_path):
-    """bench/fullsize.py --layers 1 end to end on the tiny shape: inputs, floor, the build, the report."""
+    """bench/fullsize.py --layers 1 end to end on the tiny shape: inputs, floor, the build with its
+    evaluation, the extra quantizations and the q8_0 evaluation (each a child calling the stage's
+    own function), the report."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fullsize.py"), "--size", "tiny", "--layers", "1",
-                           "--workdir", str(tmp_path / "work"), "--out", str(out), "--floor-gb", "0.05", "--no-eval",
+                           "--workdir", str(tmp_path / "work"), "--out", str(out), "--floor-gb", "0.05",
                            "--steps", "floor,sha256sum,build-hf,convert-hf,build-gguf,quantize-more",
                            "--plot", str(tmp_path / "plot.png")],
                           capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
@@ -128,6 +130,10 @@ def test_bench_fullsize_smoke(tmp_path):
     assert gguf["wall_s"] > 0 and gguf["peak_rss"] > 0 and gguf["out_bytes"] > 0 and not gguf["cached"]
     assert res["steps"]["floor"]["read_direct_Bps"] > 0 and res["steps"]["floor"]["write_buffered_Bps"] > 0
     assert res["steps"]["sha256sum"]["rc"] == 0
+    assert {"evaluate:reference", "evaluate:q4_0"} <= set(rows)
+    more = res["steps"]["quantize-more"]
+    assert set(more) >= {"quantize q8_0", "evaluate q8_0", "quantize q4_K_M"}, more
+    assert all(more[k]["rc"] == 0 for k in ("quantize q8_0", "evaluate q8_0", "quantize q4_K_M")), more
     assert "| build-gguf: gguf f16 |" in proc.stdout and "Disk (this run)" in proc.stdout
     assert (tmp_path / "plot.png").stat().st_size > 10_000
     assert not (tmp_path / "work" / "tiny-L1" / "store").exists()  # outputs removed; inputs kept for reuse

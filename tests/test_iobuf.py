@@ -58,6 +58,19 @@ def test_pool_limits_what_it_keeps():
     assert small.numel() == 16
 
 
+def test_a_vocabulary_sized_block_frees_the_waiting_layer_blocks_first():
+    """lm_head (larger than max_block) comes last in a stream: the layer blocks kept for reuse would
+    only add to the peak, so asking for it frees them."""
+    pool = iobuf.BufferPool(per_size=2, max_block=4 << 20, min_block=1 << 20)
+    layers = [pool.empty((2 << 20,), torch.uint8) for _ in range(2)]
+    del layers
+    assert pool.free_bytes == 2 * (2 << 20)
+    head = pool.empty((8 << 20,), torch.uint8)
+    assert pool.free_bytes == 0 and head.numel() == 8 << 20
+    again = pool.empty((2 << 20,), torch.uint8)  # later layer-sized requests are served fresh
+    assert again.numel() == 2 << 20 and pool.allocated == 4
+
+
 def test_pool_blocks_are_aligned_for_direct_io():
     pool = iobuf.BufferPool(min_block=1)
     for n in (4096, 5000, 1 << 20):

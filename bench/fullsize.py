@@ -923,8 +923,9 @@ def plot(results_files: list[Path], out: Path) -> None:
 
     sets = [json.loads(p.read_text()) for p in results_files]
     fig, axes = plt.subplots(len(sets), 2, figsize=(13, 4.2 * len(sets)), squeeze=False)
-    for row, res in zip(axes, sets, strict=True):
+    for row, res, path in zip(axes, sets, results_files, strict=True):
         steps, fl = res["steps"], res["steps"].get("floor") or None
+        title = f"{res['size']} ({path.stem})"
         items = []
         for name in ("build-hf", "build-gguf"):
             for r in (steps.get(name) or {}).get("rows", []):
@@ -951,7 +952,7 @@ def plot(results_files: list[Path], out: Path) -> None:
         ax.set_yticks(list(y), labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("seconds")
-        ax.set_title(f"{res['size']}: time per stage vs the disk's floor")
+        ax.set_title(f"{title}: time per stage vs the disk's floor")
         ax.legend(fontsize=8)
         ax = row[1]
         # resident memory split as sampled: anonymous (the process's own) and file-backed (mapped model
@@ -966,8 +967,9 @@ def plot(results_files: list[Path], out: Path) -> None:
         ax.set_yticks(list(y), labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xscale("log")
+        ax.set_xlim(left=0.05)  # fixed: an automatic left edge above a bar would hide its anonymous part
         ax.set_xlabel("peak RSS, GiB (log; lines: 1 and 2 GiB targets)")
-        ax.set_title(f"{res['size']}: peak resident memory")
+        ax.set_title(f"{title}: peak resident memory")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

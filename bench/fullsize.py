@@ -582,41 +582,42 @@ def merged_hf(ctx: dict) -> Path | None:
     return Path(p) if p and Path(p).is_dir() else None
 
 
+def _convert_merged(ctx: dict, name: str, out_name: str, fingerprint_key: str, run) -> dict:
+    """Convert the build's merged checkpoint with ``run(src, out) -> row``, fingerprint what it wrote
+    (for the per-tensor comparison) and remove it: the common frame of the two HF -> GGUF converters."""
+    src = merged_hf(ctx)
+    if src is None:
+        return {"error": "no merged checkpoint (run build-hf first)"}
+    out = ctx["scratch"] / out_name
+    rm(out)
+    if not need_disk(ctx, du(src), name):
+        return {}
+    r = run(src, out)
+    if out.exists():
+        ctx["results"]["fingerprints"][fingerprint_key] = fingerprint_of(ctx, out)
+    rm(out)
+    return r
+
+
 def step_llamacpp(ctx: dict, name: str) -> dict:
     from _gguf_fixtures import reference_llama_cpp
 
-    src = merged_hf(ctx)
-    if src is None:
-        return {"error": "no merged checkpoint (run build-hf first)"}
-    out = ctx["scratch"] / "llama.cpp.gguf"
-    rm(out)
-    if not need_disk(ctx, du(src), name):
-        return {}
-    ref = reference_llama_cpp()
-    env = {k: v for k, v in env_for(ctx).items() if k != "NO_LOCAL_GGUF"}
-    env["PYTHONPATH"] = str(ref / "gguf-py")
-    r = measured([sys.executable, str(ref / "convert_hf_to_gguf.py"), str(src), "--outfile", str(out),
-                  "--outtype", "f16"], ctx, env=env, inputs=(src,), outputs=(out,))
-    if out.exists():
-        ctx["results"]["fingerprints"]["llama.cpp"] = fingerprint_of(ctx, out)
-    rm(out)
-    return r
+    def run(src: Path, out: Path) -> dict:
+        ref = reference_llama_cpp()
+        env = {k: v for k, v in env_for(ctx).items() if k != "NO_LOCAL_GGUF"}
+        env["PYTHONPATH"] = str(ref / "gguf-py")
+        return measured([sys.executable, str(ref / "convert_hf_to_gguf.py"), str(src), "--outfile", str(out),
+                         "--outtype", "f16"], ctx, env=env, inputs=(src,), outputs=(out,))
+
+    return _convert_merged(ctx, name, "llama.cpp.gguf", "llama.cpp", run)
 
 
 def step_convert_hf(ctx: dict, name: str) -> dict:
-    src = merged_hf(ctx)
-    if src is None:
-        return {"error": "no merged checkpoint (run build-hf first)"}
-    out = ctx["scratch"] / "ours-hf.gguf"
-    rm(out)
-    if not need_disk(ctx, du(src), name):
-        return {}
-    r = call(ctx, {"kind": "convert", "src": str(src), "out": str(out), "name": "fullsize"}, inputs=(src,),
-             outputs=(out,))
-    if out.exists():
-        ctx["results"]["fingerprints"]["ours HF->GGUF"] = fingerprint_of(ctx, out)
-    rm(out)
-    return r
+    def run(src: Path, out: Path) -> dict:
+        return call(ctx, {"kind": "convert", "src": str(src), "out": str(out), "name": "fullsize"}, inputs=(src,),
+                    outputs=(out,))
+
+    return _convert_merged(ctx, name, "ours-hf.gguf", "ours HF->GGUF", run)
 
 
 def step_before(ctx: dict, name: str) -> dict:
